@@ -1,0 +1,58 @@
+"""One turn of the chat: window, generate while showing, then record the exchange.
+
+The conversation changes only after a reply is complete (or interrupted, which
+keeps the partial reply): any error before that leaves it exactly as it was.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from . import engine
+from .conversation import Conversation
+from .display import ReplyView, stats_line
+from .prompt import count_prompt_tokens
+from .settings import GenerationSettings
+
+
+@dataclass
+class TurnOptions:
+    max_turns: Optional[int]
+    max_context_tokens: int
+    default_system: Optional[str]
+    show_stats: bool = True
+    record: bool = True  # False: a question asked outside the conversation
+
+
+def window_for(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions):
+    return conversation.window(
+        question,
+        count_tokens=lambda messages: count_prompt_tokens(loaded.tokenizer, messages),
+        max_turns=options.max_turns,
+        max_new_tokens=settings.max_new_tokens,
+        max_context_tokens=options.max_context_tokens,
+        default_system=options.default_system,
+    )
+
+
+def ask(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
+    window = window_for(conversation, loaded, question, settings, options)
+    stream = engine.start_reply(loaded.model, loaded.tokenizer, window.messages, settings)
+    view.start(window.notice())
+    try:
+        for piece in stream:
+            view.append(piece)
+    except KeyboardInterrupt:
+        stream.stop()
+    except BaseException:
+        view.fail()
+        raise
+    reply = stream.result
+    if options.record:
+        conversation.add_exchange(question, reply.text, finish_reason=reply.finish_reason)
+    footer = []
+    if reply.finish_reason == "interrupted":
+        footer.append("interrupted")
+    if options.show_stats:
+        footer.append(stats_line(reply, options.max_context_tokens))
+    view.finish(reply.text, " · ".join(footer) or None)
+    return reply

@@ -1,0 +1,157 @@
+"""The conversation: its messages, the window sent each turn, and its JSON form.
+
+Nothing here knows about IPython or torch. Token counts come from a callable
+(``count_tokens(messages) -> int``) so the window is exact for whatever
+tokenizer and chat template the loaded model uses.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+ROLES = ("system", "user", "assistant")
+
+
+class HistoryError(ValueError):
+    """A history file or JSON value that is not a valid conversation."""
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_context_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        super().__init__(
+            f"The message needs {prompt_tokens} prompt tokens, and with max_new_tokens={max_new_tokens} "
+            f"that exceeds max_context_tokens={max_context_tokens}. Shorten the message or lower --max-new-tokens."
+        )
+
+
+def _plain(message: dict) -> dict:
+    return {"role": message["role"], "content": message["content"]}
+
+
+@dataclass
+class Window:
+    """What one turn sends: the messages, their token count, and how many earlier exchanges were left out."""
+
+    messages: List[dict]
+    prompt_tokens: int
+    exchanges_sent: int
+    exchanges_left_out: int
+    left_out_for_tokens: int
+
+    def notice(self) -> Optional[str]:
+        if not self.exchanges_left_out:
+            return None
+        plural = "s" if self.exchanges_left_out != 1 else ""
+        why = " to fit the context" if self.left_out_for_tokens else ""
+        return f"{self.exchanges_left_out} earlier exchange{plural} left out of the window{why}."
+
+
+@dataclass
+class Conversation:
+    """Alternating user/assistant messages, plus an optional system prompt of this conversation."""
+
+    system: Optional[str] = None
+    messages: List[dict] = field(default_factory=list)
+
+    @property
+    def exchanges(self) -> List[List[dict]]:
+        return [self.messages[i:i + 2] for i in range(0, len(self.messages), 2)]
+
+    def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None) -> None:
+        answer = {"role": "assistant", "content": reply}
+        if finish_reason == "interrupted":
+            answer["interrupted"] = True  # shown by %qwen_history; never sent or saved
+        self.messages += [{"role": "user", "content": question}, answer]
+
+    def clear(self) -> None:
+        self.system = None
+        self.messages = []
+
+    def window(
+        self,
+        question: str,
+        *,
+        count_tokens: Callable[[List[dict]], int],
+        max_turns: Optional[int],
+        max_new_tokens: int,
+        max_context_tokens: int,
+        default_system: Optional[str] = None,
+    ) -> Window:
+        """The messages to send for ``question``: system prompt, the newest exchanges that fit, the question.
+
+        The system prompt is this conversation's own, else ``default_system``. At most
+        ``max_turns`` earlier exchanges (``None``: no limit), then the oldest are dropped until prompt plus ``max_new_tokens`` fits ``max_context_tokens``.
+        """
+        system = self.system if self.system is not None else default_system
+        head = [{"role": "system", "content": system}] if system else []
+        tail = [{"role": "user", "content": question}]
+        exchanges = self.exchanges
+        allowed = len(exchanges) if max_turns is None else min(max_turns, len(exchanges))
+        budget = max_context_tokens - max_new_tokens
+
+        def build(n):
+            kept = [_plain(m) for pair in exchanges[len(exchanges) - n:] for m in pair] if n else []
+            return head + kept + tail
+
+        # More exchanges never means fewer tokens, so search for the largest count that fits.
+        tokens = count_tokens(build(allowed))
+        best, best_tokens = allowed, tokens
+        if tokens > budget:
+            smallest = count_tokens(build(0))
+            if smallest > budget:
+                raise PromptTooLong(smallest, max_new_tokens, max_context_tokens)
+            low, high, best, best_tokens = 0, allowed - 1, 0, smallest
+            while low <= high:
+                middle = (low + high) // 2
+                tokens = count_tokens(build(middle))
+                if tokens <= budget:
+                    best, best_tokens, low = middle, tokens, middle + 1
+                else:
+                    high = middle - 1
+        return Window(
+            messages=build(best),
+            prompt_tokens=best_tokens,
+            exchanges_sent=best,
+            exchanges_left_out=len(exchanges) - best,
+            left_out_for_tokens=allowed - best,
+        )
+
+    # --- JSON: a list of {"role", "content"}, the system prompt first when there is one.
+
+    def to_json(self) -> List[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [_plain(m) for m in self.messages]
+
+    @classmethod
+    def from_json(cls, data) -> "Conversation":
+        if not isinstance(data, list):
+            raise HistoryError("expected a JSON list of {\"role\", \"content\"} objects")
+        for i, message in enumerate(data):
+            if not isinstance(message, dict) or set(message) != {"role", "content"}:
+                raise HistoryError(f"message {i} must be an object with exactly the keys \"role\" and \"content\"")
+            if message["role"] not in ROLES:
+                raise HistoryError(f"message {i} has unknown role {message['role']!r}")
+            if not isinstance(message["content"], str):
+                raise HistoryError(f"message {i} has content that is not a string")
+        system = None
+        if data and data[0]["role"] == "system":
+            system, data = data[0]["content"], data[1:]
+        for i, message in enumerate(data):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise HistoryError(f"messages must alternate user and assistant; found {message['role']!r} where {expected!r} belongs")
+        if len(data) % 2:
+            raise HistoryError("the last user message has no assistant reply")
+        return cls(system=system, messages=[dict(m) for m in data])
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), ensure_ascii=False, indent=1)
+
+    @classmethod
+    def loads(cls, text: str) -> "Conversation":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise HistoryError(f"not valid JSON ({error})") from None
+        return cls.from_json(data)

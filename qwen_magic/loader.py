@@ -1,0 +1,161 @@
+"""Load a causal LM and its tokenizer: quantization, dtype, devices; free them again."""
+
+import gc
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from .engine import ENGINE_NAME
+from .prompt import has_chat_template
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class LoadError(Exception):
+    """A model that cannot be loaded for a reason the user can fix; the message is one line."""
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    name: str
+    precision: str
+    devices: str
+    gpu_bytes: int
+    context_length: int
+    seconds: float
+    engine: str = ENGINE_NAME
+
+    @property
+    def chat_template(self) -> bool:
+        return has_chat_template(self.tokenizer)
+
+    def summary(self) -> str:
+        memory = f"{self.gpu_bytes / 2**30:.1f} GiB GPU memory" if self.gpu_bytes else "no GPU memory"
+        return (
+            f"Loaded {self.name} · {self.precision} · {self.devices} · {memory} · "
+            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · engine: {self.engine}"
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _resolve(name: str) -> str:
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise LoadError(f"{name} has no config.json: it is not a model directory.")
+        return path
+    if os.path.exists(path):
+        raise LoadError(f"{name} is a file; give the model's directory.")
+    if _looks_like_path(name):
+        raise LoadError(f"No such directory: {name}")
+    return name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _pick_dtype(dtype: str, cuda: bool) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # a T4 has no bfloat16
+
+
+def _gpu_bytes() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
+
+
+def load(
+    name: str,
+    *,
+    bits: int = 4,
+    dtype: str = "auto",
+    device_map: Optional[str] = None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    notify: Callable[[str], None] = print,
+) -> LoadedModel:
+    started = time.perf_counter()
+    source = _resolve(name)
+    cuda = torch.cuda.is_available()
+    compute = _pick_dtype(dtype, cuda)
+    common = dict(revision=revision, trust_remote_code=trust_remote_code)
+
+    if not cuda and bits != 16:
+        notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
+        bits = 16
+    if bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"--bits {bits} needs bitsandbytes: run %pip install bitsandbytes, or load with --bits 16.")
+
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
+
+    kwargs = dict(common)
+    if bits == 4:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+        precision = f"4-bit NF4 ({str(compute).replace('torch.', '')} compute)"
+    elif bits == 8:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        precision = "8-bit (LLM.int8)"
+    else:
+        precision = str(compute).replace("torch.", "")
+    kwargs["dtype"] = compute
+    if device_map or cuda:
+        kwargs["device_map"] = device_map or "auto"
+
+    notify(f"Loading {name} ({precision}) …")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).") from None
+        raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
+    except OSError as error:
+        raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
+    model.eval()
+
+    if getattr(model, "hf_device_map", None):
+        devices = ", ".join(sorted({str(d) if not isinstance(d, int) else f"cuda:{d}" for d in model.hf_device_map.values()}))
+    else:
+        devices = str(model.device)
+    context = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        precision=precision,
+        devices=devices,
+        gpu_bytes=_gpu_bytes(),
+        context_length=int(context),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def free(loaded: Optional[LoadedModel]) -> None:
+    """Drop the model's weights and give its GPU memory back to the driver."""
+    if loaded is not None:
+        loaded.model = None
+        loaded.tokenizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,232 @@
+"""The IPython magics: arguments, settings and dispatch. No model code here.
+
+Modules that import torch (loader, engine, chat) are imported inside the magics,
+so ``%load_ext qwen_magic`` stays instant.
+"""
+
+import json
+import os
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.process import arg_split
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+
+from .conversation import Conversation, HistoryError, PromptTooLong
+from .display import MarkdownText, ReplyView
+from .history_view import history_table
+from .settings import CHECKS, GenerationSettings, first_problem
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+
+
+def parse_argstring(magic, line):
+    """Like IPython's ``parse_argstring``, but quotes group words and are then removed (``--system "Be brief"``)."""
+    return magic.parser.parse_args(arg_split(line, posix=os.name == "posix", strict=False))
+
+
+@magics_class
+class QwenMagics(Magics):
+    """Chat with a local Qwen model from notebook cells."""
+
+    model = Unicode(DEFAULT_MODEL, help="Model that %qwen_load loads when given none: a Hub id or a local directory.").tag(config=True)
+    bits = Int(4, help="Weight precision for %qwen_load: 4 (bitsandbytes NF4), 8 (LLM.int8) or 16 (no quantization).").tag(config=True)
+    temperature = Float(0.7, help="Sampling temperature; 0 means greedy decoding.").tag(config=True)
+    top_p = Float(0.9, help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p, in (0, 1].").tag(config=True)
+    top_k = Int(None, allow_none=True, help="Sample only from the k likeliest tokens; 0 turns it off; None uses the model's default.").tag(config=True)
+    max_new_tokens = Int(512, help="Longest reply, in tokens.").tag(config=True)
+    do_sample = Bool(True, help="Sample the reply (True) or pick the likeliest token every step (False, greedy).").tag(config=True)
+    repetition_penalty = Float(None, allow_none=True, help="Penalty on tokens already present (1.0 is off); None uses the model's default.").tag(config=True)
+    seed = Int(None, allow_none=True, help="Random seed set before every reply, for reproducible samples; None for fresh ones.").tag(config=True)
+    system_prompt = Unicode(None, allow_none=True, help="System prompt of conversations that set none with --system; None uses the chat template's own.").tag(config=True)
+    max_turns = Int(20, allow_none=True, help="Sliding window: earlier exchanges sent with each question (0 sends none; None, no limit).").tag(config=True)
+    max_context_tokens = Int(None, allow_none=True, help="Token budget of prompt plus reply; older exchanges are dropped to fit. None: the model's context length.").tag(config=True)
+    stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
+    show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.conversation = Conversation()
+        self.loaded = None  # a loader.LoadedModel
+
+    @validate(*CHECKS)
+    def _check_setting(self, proposal):
+        message = CHECKS[proposal["trait"].name](proposal["value"])
+        if message:
+            raise TraitError(message)
+        return proposal["value"]
+
+    # --- loading
+
+    @magic_arguments()
+    @argument("model_name", nargs="?", metavar="MODEL", help="Hub id or local directory (default: QwenMagics.model)")
+    @argument("--bits", type=int, choices=(4, 8, 16), help="weight precision (default: QwenMagics.bits)")
+    @argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto", help="compute dtype")
+    @argument("--device-map", help='accelerate device map, e.g. "auto" or "cuda:0"')
+    @argument("--revision", help="branch, tag or commit of a Hub model")
+    @argument("--trust-remote-code", action="store_true", help="run code shipped in the model repository")
+    @line_magic
+    def qwen_load(self, line):
+        """Load a model onto the GPU (4-bit NF4 by default), replacing any model already loaded."""
+        args = parse_argstring(self.qwen_load, line)
+        from . import loader
+
+        self._free_model()
+        try:
+            self.loaded = loader.load(
+                args.model_name or self.model,
+                bits=args.bits or self.bits,
+                dtype=args.dtype,
+                device_map=args.device_map,
+                revision=args.revision,
+                trust_remote_code=args.trust_remote_code,
+            )
+        except loader.LoadError as error:
+            raise UsageError(str(error)) from None
+        print(self.loaded.summary())
+        if not self.loaded.chat_template:
+            print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
+
+    @line_magic
+    def qwen_unload(self, line):
+        """Free the model and its GPU memory."""
+        if self.loaded is None:
+            print("No model is loaded.")
+            return
+        name = self.loaded.name
+        self._free_model()
+        print(f"Unloaded {name}.")
+
+    def _free_model(self):
+        if self.loaded is None:
+            return
+        from . import loader
+
+        loaded, self.loaded = self.loaded, None
+        loader.free(loaded)
+
+    # --- chatting
+
+    @magic_arguments()
+    @argument("--new", action="store_true", help="start a fresh conversation first")
+    @argument("--system", metavar="TEXT", help="system prompt of this conversation from now on")
+    @argument("--no-history", action="store_true", help="ask outside the conversation: neither read nor change it")
+    @argument("--max-new-tokens", type=int, metavar="N")
+    @argument("--temperature", type=float, metavar="T")
+    @argument("--top-p", type=float, metavar="P")
+    @argument("--top-k", type=int, metavar="K")
+    @argument("--seed", type=int, metavar="N")
+    @argument("--greedy", action="store_true", help="pick the likeliest token every step (no sampling)")
+    @line_cell_magic
+    def qwen(self, line, cell=None):
+        """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE."""
+        if cell is None:
+            args, question = parse_argstring(self.qwen, ""), line
+        else:
+            args, question = parse_argstring(self.qwen, line), cell
+        question = question.strip()
+        if not question:
+            raise UsageError("The message is empty: write it in the cell below %%qwen (or after %qwen).")
+        problem = first_problem(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+        )
+        if problem:
+            raise UsageError(problem)
+        if self.loaded is None:
+            raise UsageError("No model is loaded: run %qwen_load first (e.g. %qwen_load Qwen/Qwen2.5-7B-Instruct).")
+        from .chat import ask
+
+        settings = self.settings().overridden(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            do_sample=False if args.greedy else None,
+        )
+        if args.new:
+            self.conversation = Conversation()
+        if args.no_history:
+            conversation = Conversation(system=args.system)
+        else:
+            conversation = self.conversation
+            if args.system is not None:
+                conversation.system = args.system
+        options = self.turn_options(record=not args.no_history)
+        try:
+            reply = ask(conversation, self.loaded, question, settings, options, ReplyView(self.shell, live=self.stream))
+        except PromptTooLong as error:
+            raise UsageError(str(error)) from None
+        self.shell.user_ns["_qwen"] = reply.text
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
+
+    def turn_options(self, record=True):
+        from .chat import TurnOptions
+
+        return TurnOptions(
+            max_turns=self.max_turns,
+            max_context_tokens=self.max_context_tokens or self.loaded.context_length,
+            default_system=self.system_prompt,
+            show_stats=self.show_stats,
+            record=record,
+        )
+
+    # --- history
+
+    @magic_arguments()
+    @argument("--clear", action="store_true", help="empty the conversation")
+    @argument("--json", action="store_true", help="print the messages as JSON")
+    @argument("--save", metavar="PATH", help="write the conversation to a JSON file")
+    @argument("--load", metavar="PATH", help="replace the conversation with one from a JSON file")
+    @line_magic
+    def qwen_history(self, line):
+        """Show the conversation, or clear, print, save or load it."""
+        args = parse_argstring(self.qwen_history, line)
+        if args.load:
+            self.conversation = self._read_history(args.load)
+            print(f"Loaded {len(self.conversation.messages) // 2} exchanges from {args.load}.")
+        if args.save:
+            self._write_history(args.save)
+            print(f"Saved {len(self.conversation.messages) // 2} exchanges to {args.save}.")
+        if args.clear:
+            self.conversation = Conversation()
+            print("The conversation is empty.")
+        if args.json:
+            print(json.dumps(self.conversation.to_json(), ensure_ascii=False, indent=1))
+        if not (args.load or args.save or args.clear or args.json):
+            markdown, plain = history_table(self.conversation, self.loaded, self.settings(), self.turn_options() if self.loaded else None, self.max_turns)
+            from IPython.display import display
+
+            display(MarkdownText(markdown, plain))
+
+    def _read_history(self, path):
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as file:
+                return Conversation.loads(file.read())
+        except OSError as error:
+            raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not a UTF-8 text file; the conversation is unchanged.") from None
+        except HistoryError as error:
+            raise UsageError(f"{path} is not a conversation ({error}); the conversation is unchanged.") from None
+
+    def _write_history(self, path):
+        path = os.path.expanduser(path)
+        temporary = f"{path}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as file:
+                file.write(self.conversation.dumps())
+            os.replace(temporary, path)  # never leaves a half-written file behind
+        except OSError as error:
+            raise UsageError(f"Cannot write {path}: {error.strerror or error}") from None
