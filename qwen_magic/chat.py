@@ -10,6 +10,7 @@ from typing import Optional
 from . import engine
 from .conversation import Conversation
 from .display import ReplyView, stats_line
+from .interrupt import interrupt_calls
 from .prompt import count_prompt_tokens
 from .settings import GenerationSettings
 
@@ -39,9 +40,10 @@ def ask(conversation: Conversation, loaded, question: str, settings: GenerationS
     stream = engine.start_reply(loaded.model, loaded.tokenizer, window.messages, settings)
     view.start(window.notice())
     try:
-        for piece in stream:
-            view.append(piece)
-    except KeyboardInterrupt:
+        with interrupt_calls(stream.request_stop):
+            for piece in stream:
+                view.append(piece)
+    except KeyboardInterrupt:  # a second interrupt, or one the handler could not catch
         stream.stop()
     except BaseException:
         view.fail()

@@ -6,7 +6,6 @@ end it early (the kernel's interrupt does that through the caller), then read
 ``result`` for the whole reply, its token ids, counts and finish reason.
 """
 
-import copy
 import queue
 import threading
 import time
@@ -58,6 +57,7 @@ class IncrementalDecoder:
         self.ids: List[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self.released = ""
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -68,8 +68,17 @@ class IncrementalDecoder:
         text = self._decode(self.ids[self.prefix_offset:])
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return text[len(prefix):]
+            piece = text[len(prefix):]
+            self.released += piece
+            return piece
         return ""
+
+    def flush(self) -> str:
+        """What is still held back once no token will follow (bytes that never made a character)."""
+        text = self.text()
+        piece = text[len(self.released):] if text.startswith(self.released) else ""
+        self.released += piece
+        return piece
 
     def text(self) -> str:
         return self._decode(self.ids)
@@ -103,27 +112,24 @@ class _StopFlag(StoppingCriteria):
 _DONE = object()
 
 
-def generation_config(model, tokenizer, settings: GenerationSettings):
-    """The model's own generation config with our settings laid over it."""
-    config = copy.deepcopy(model.generation_config)
-    if config.pad_token_id is None:  # avoids generate's warning on every call
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config.max_new_tokens = settings.max_new_tokens
-    config.min_new_tokens = None
-    config.max_length = None
-    sampling = settings.do_sample and settings.temperature > 0
-    config.do_sample = sampling
-    if sampling:
-        config.temperature = settings.temperature
-        config.top_p = settings.top_p
+def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
+    """Our settings as ``generate`` keywords; anything not given comes from the model's own config.
+
+    Keywords rather than a whole GenerationConfig, as the classic recipe passes them:
+    transformers then warns only about flags we set, not ones inherited from the model.
+    """
+    kwargs = {"max_new_tokens": settings.max_new_tokens}
+    if settings.do_sample and settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         if settings.top_k is not None:
-            config.top_k = settings.top_k
+            kwargs["top_k"] = settings.top_k
     else:
-        # Sampling knobs left over from the model's config only draw warnings under greedy decoding.
-        config.temperature = config.top_p = config.top_k = None
+        kwargs["do_sample"] = False
     if settings.repetition_penalty is not None:
-        config.repetition_penalty = settings.repetition_penalty
-    return config
+        kwargs["repetition_penalty"] = settings.repetition_penalty
+    if model.generation_config.pad_token_id is None:  # avoids generate's warning on every call
+        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return kwargs
 
 
 def end_token_ids(model, tokenizer) -> set:
@@ -152,7 +158,7 @@ class ReplyStream:
         kwargs = dict(
             input_ids=inputs,
             attention_mask=torch.ones_like(inputs),
-            generation_config=generation_config(model, tokenizer, settings),
+            **generation_kwargs(model, tokenizer, settings),
             streamer=self.tokens,
             stopping_criteria=StoppingCriteriaList([_StopFlag(self.stop_event)]),
         )
@@ -180,6 +186,9 @@ class ReplyStream:
                 continue
             if item is _DONE:
                 self._finish()
+                rest = self.decoder.flush()
+                if rest:
+                    yield rest
                 return
             if self._first_token_at is None:
                 self._first_token_at = time.perf_counter()
@@ -187,10 +196,14 @@ class ReplyStream:
             if piece:
                 yield piece
 
-    def stop(self) -> None:
-        """End generation early (the user interrupted) and keep what was generated so far."""
+    def request_stop(self) -> None:
+        """Ask generation to end after the current token; iteration then finishes normally."""
         self._interrupted = True
         self.stop_event.set()
+
+    def stop(self) -> None:
+        """End generation now (the user interrupted) and keep what was generated so far."""
+        self.request_stop()
         while True:  # a second Ctrl-C must not leave the worker running
             try:
                 self._thread.join()

@@ -52,6 +52,7 @@ def build_tokenizer(vocab_size: int = 400):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_input_names=["input_ids", "attention_mask"],  # as Qwen2's tokenizer: no token_type_ids
     )
     tokenizer.chat_template = chat_template()
     return tokenizer
@@ -93,7 +94,11 @@ def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_leng
                 param.normal_(0.0, 0.5)
         if endless:
             model.lm_head.weight[end_ids] = 0.0
-    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1])
+    # Qwen2.5-7B-Instruct's own generation defaults, which the classic recipe inherits.
+    model.generation_config = GenerationConfig(
+        eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=True,
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

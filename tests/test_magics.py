@@ -351,3 +351,37 @@ def test_continuing_from_a_loaded_history(ip, chat, classic, tmp_path):
     ip.run_line_magic("qwen_history", f"--load {path}")
     ask(ip, "它有什么好吃的美食吗?")
     assert ip.user_ns["_qwen"] == classic.reply(history + [{"role": "user", "content": "它有什么好吃的美食吗?"}], 12)
+
+
+def test_interrupt_keeps_the_partial_reply_marked(ip, qwen, endless_model_dir, monkeypatch):
+    """SIGINT is what the kernel's stop button sends; here the process sends it to itself mid-reply."""
+    import os
+    import signal
+
+    from qwen_magic.display import ReplyView
+
+    ip.run_line_magic("qwen_load", endless_model_dir)
+    ip.run_line_magic("config", "QwenMagics.do_sample = False")
+    original, pieces = ReplyView.append, []
+
+    def append_then_interrupt(view, piece):
+        original(view, piece)
+        pieces.append(piece)
+        if len(pieces) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(ReplyView, "append", append_then_interrupt)
+    handler_before = signal.getsignal(signal.SIGINT)
+    captured = ask(ip, "Write forever.", "--max-new-tokens 4000")
+    assert signal.getsignal(signal.SIGINT) is handler_before
+    answer = qwen.conversation.messages[-1]
+    assert answer["interrupted"] is True
+    assert answer["content"].startswith("".join(pieces)) and len(pieces) < 100
+    final = captured.outputs[-1].data["text/markdown"]
+    assert final.startswith(answer["content"]) and "interrupted" in final
+    monkeypatch.undo()
+    ask(ip, "And now?", "--max-new-tokens 3")
+    assert len(qwen.conversation.messages) == 4
+    with capture_output() as shown:
+        ip.run_line_magic("qwen_history", "")
+    assert "| 1 | assistant (interrupted) |" in shown.outputs[0].data["text/markdown"]

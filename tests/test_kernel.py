@@ -1,0 +1,117 @@
+"""A real IPython kernel, driven over the Jupyter protocol as a notebook front end drives it."""
+
+import json
+import queue
+
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+from jupyter_client.manager import start_new_kernel  # noqa: E402
+
+pytestmark = pytest.mark.kernel
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    manager, client = start_new_kernel(kernel_name="python3")
+    yield manager, client
+    client.stop_channels()
+    manager.shutdown_kernel(now=True)
+
+
+def execute(client, code, on_message=None):
+    """Run ``code``; return its iopub messages (until idle) and the execute reply."""
+    msg_id = client.execute(code)
+    messages = []
+    while True:
+        message = client.get_iopub_msg(timeout=TIMEOUT)
+        if message["parent_header"].get("msg_id") != msg_id:
+            continue
+        messages.append(message)
+        if on_message:
+            on_message(message)
+        if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+            break
+    while True:
+        reply = client.get_shell_msg(timeout=TIMEOUT)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return messages, reply
+
+
+def displays(messages):
+    return [m for m in messages if m["msg_type"] in ("display_data", "update_display_data")]
+
+
+def stdout(messages):
+    return "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+
+
+def final_markdown(messages):
+    return displays(messages)[-1]["content"]["data"]["text/markdown"]
+
+
+def test_the_kernel_runs_this_python(kernel):
+    import sys
+
+    import IPython
+
+    messages, _ = execute(kernel[1], "import sys, IPython; print(sys.executable, IPython.__version__)")
+    assert stdout(messages).split() == [sys.executable, IPython.__version__]
+
+
+def test_chat_in_a_real_kernel(kernel, tiny_model_dir, classic):
+    _, client = kernel
+    for code in ["%load_ext qwen_magic", "%config QwenMagics.do_sample = False", "%config QwenMagics.max_new_tokens = 16"]:
+        messages, reply = execute(client, code)
+        assert reply["content"]["status"] == "ok", messages
+    messages, reply = execute(client, f"%qwen_load {tiny_model_dir}")
+    assert f"Loaded {tiny_model_dir} · float32 · cpu" in stdout(messages)
+
+    history = []
+    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?"]:
+        messages, reply = execute(client, f"%%qwen\n{question}")
+        assert reply["content"]["status"] == "ok"
+        shown = displays(messages)
+        assert shown[0]["msg_type"] == "display_data"
+        assert all(m["msg_type"] == "update_display_data" for m in shown[1:])
+        assert len({m["content"]["transient"]["display_id"] for m in shown}) == 1
+        history.append({"role": "user", "content": question})
+        expected = classic.reply(history, 16)
+        history.append({"role": "assistant", "content": expected})
+        assert final_markdown(messages).startswith(expected)
+
+    messages, _ = execute(client, "%qwen_history --json")
+    assert json.loads(stdout(messages)) == history
+
+
+def test_interrupt_stops_generation_and_keeps_the_partial_reply(kernel, endless_model_dir):
+    manager, client = kernel
+    execute(client, f"%qwen_load {endless_model_dir}")
+    execute(client, "%qwen_history --clear")
+    updates = queue.Queue()
+    interrupted = []
+
+    def interrupt_after_a_few_updates(message):
+        if message["msg_type"] == "update_display_data":
+            updates.put(message)
+            if updates.qsize() == 3 and not interrupted:
+                interrupted.append(True)
+                manager.interrupt_kernel()
+
+    messages, reply = execute(client, "%%qwen --max-new-tokens 4000\nWrite forever.", interrupt_after_a_few_updates)
+    assert interrupted
+    assert reply["content"]["status"] == "ok"  # no traceback, no error
+    assert not [m for m in messages if m["msg_type"] == "error"]
+    markdown = final_markdown(messages)
+    assert "interrupted" in markdown
+
+    messages, _ = execute(client, "%qwen_history --json")
+    saved = json.loads(stdout(messages))
+    assert [m["role"] for m in saved] == ["user", "assistant"]
+    partial = saved[1]["content"]
+    assert partial and markdown.startswith(partial)
+
+    messages, reply = execute(client, "%%qwen --max-new-tokens 5\nAnd now?")
+    assert reply["content"]["status"] == "ok"
+    assert "5 tokens" in final_markdown(messages)
