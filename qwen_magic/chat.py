@@ -7,7 +7,6 @@ keeps the partial reply): any error before that leaves it exactly as it was.
 from dataclasses import dataclass
 from typing import Optional
 
-from . import engine
 from .conversation import Conversation
 from .display import ReplyView, stats_line
 from .interrupt import interrupt_calls
@@ -37,7 +36,7 @@ def window_for(conversation: Conversation, loaded, question: str, settings: Gene
 
 def ask(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
     window = window_for(conversation, loaded, question, settings, options)
-    stream = engine.start_reply(loaded.model, loaded.tokenizer, window.messages, settings)
+    stream = loaded.engine.start(window.messages, settings)
     view.start(window.notice())
     try:
         with interrupt_calls(stream.request_stop):
@@ -49,10 +48,14 @@ def ask(conversation: Conversation, loaded, question: str, settings: GenerationS
         view.fail()
         raise
     reply = stream.result
+    interrupted = reply.finish_reason == "interrupted"
+    if interrupted and not reply.token_ids:
+        view.finish("", "interrupted before the first token; the conversation is unchanged")
+        return reply
     if options.record:
         conversation.add_exchange(question, reply.text, finish_reason=reply.finish_reason)
     footer = []
-    if reply.finish_reason == "interrupted":
+    if interrupted:
         footer.append("interrupted")
     if options.show_stats:
         footer.append(stats_line(reply, options.max_context_tokens))

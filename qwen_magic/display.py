@@ -36,7 +36,10 @@ def stats_line(reply, max_context_tokens: int) -> str:
         parts.append(f"{reply.tokens_per_second:.1f} tokens/s")
     if reply.first_token_seconds is not None:
         parts.append(f"first token {reply.first_token_seconds:.2f} s")
-    parts.append(f"context {reply.prompt_tokens:,} / {max_context_tokens:,}")
+    context = f"context {reply.prompt_tokens:,} / {max_context_tokens:,}"
+    if reply.cached_tokens:
+        context += f" ({reply.cached_tokens:,} cached)"
+    parts.append(context)
     line = " · ".join(parts)
     if reply.finish_reason == "length":
         line += " · stopped at max_new_tokens"

@@ -1,16 +1,21 @@
 """Generation: messages and settings in, a stream of text out. No IPython here.
 
-``start_reply`` runs ``model.generate`` in a worker thread and hands back a
-``ReplyStream``: iterate it for text pieces as tokens arrive, call ``stop()`` to
-end it early (the kernel's interrupt does that through the caller), then read
-``result`` for the whole reply, its token ids, counts and finish reason.
+An engine's ``start(messages, settings)`` returns a ``ReplyStream``: iterate it for
+text pieces as tokens arrive, call ``request_stop()`` or ``stop()`` to end it early
+(the kernel's interrupt does that through the caller), then read ``result`` for
+the whole reply, its token ids, counts and finish reason.
+
+Tokens are produced in a worker thread by a *producer* (``produce(emit, stop)``),
+so the caller's thread stays free to show them and to receive the interrupt. Two
+engines: ``GenerateEngine`` (``model.generate``, runs anywhere) and the CUDA-graph
+decode loop in ``fast.py``.
 """
 
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -18,8 +23,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from .prompt import prompt_ids
 from .settings import GenerationSettings
-
-ENGINE_NAME = "transformers generate"
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Reply:
     finish_reason: str  # "stop", "length" or "interrupted"
     first_token_seconds: Optional[float]
     seconds: float
+    cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the last turn
 
     @property
     def new_tokens(self) -> int:
@@ -84,54 +88,6 @@ class IncrementalDecoder:
         return self._decode(self.ids)
 
 
-class _TokenQueue(BaseStreamer):
-    """Receives token ids from ``generate`` (in the worker thread) and queues them."""
-
-    def __init__(self):
-        self.queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value):
-        if not self.prompt_seen:  # generate passes the prompt first
-            self.prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self):
-        pass
-
-
-class _StopFlag(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-_DONE = object()
-
-
-def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
-    """Our settings as ``generate`` keywords; anything not given comes from the model's own config.
-
-    Keywords rather than a whole GenerationConfig, as the classic recipe passes them:
-    transformers then warns only about flags we set, not ones inherited from the model.
-    """
-    kwargs = {"max_new_tokens": settings.max_new_tokens}
-    if settings.do_sample and settings.temperature > 0:
-        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        if settings.top_k is not None:
-            kwargs["top_k"] = settings.top_k
-    else:
-        kwargs["do_sample"] = False
-    if settings.repetition_penalty is not None:
-        kwargs["repetition_penalty"] = settings.repetition_penalty
-    if model.generation_config.pad_token_id is None:  # avoids generate's warning on every call
-        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return kwargs
-
-
 def end_token_ids(model, tokenizer) -> set:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -140,48 +96,42 @@ def end_token_ids(model, tokenizer) -> set:
     return ids
 
 
+_DONE = object()
+
+Producer = Callable[[Callable[[List[int]], None], threading.Event], None]
+
+
 class ReplyStream:
-    def __init__(self, model, tokenizer, messages, settings: GenerationSettings):
-        self.tokenizer = tokenizer
+    """Runs a producer in a worker thread; iterating yields whole-character text pieces."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, produce: Producer, *, max_new_tokens: int, end_ids: set, info=None):
         self.decoder = IncrementalDecoder(tokenizer)
+        self.prompt_tokens = prompt_tokens
+        self.info = {} if info is None else info  # filled by the producer, e.g. "cached_tokens"
         self.stop_event = threading.Event()
-        self.tokens = _TokenQueue()
         self.error: Optional[BaseException] = None
         self.result: Optional[Reply] = None
-        self._end_ids = end_token_ids(model, tokenizer)
-        self._max_new_tokens = settings.max_new_tokens
+        self._queue = queue.Queue()
+        self._end_ids = end_ids
+        self._max_new_tokens = max_new_tokens
         self._interrupted = False
-        ids = prompt_ids(tokenizer, messages)
-        self.prompt_tokens = len(ids)
-        device = getattr(model, "device", None) or next(model.parameters()).device
-        inputs = torch.tensor([ids], device=device)
-        kwargs = dict(
-            input_ids=inputs,
-            attention_mask=torch.ones_like(inputs),
-            **generation_kwargs(model, tokenizer, settings),
-            streamer=self.tokens,
-            stopping_criteria=StoppingCriteriaList([_StopFlag(self.stop_event)]),
-        )
         self._started = time.perf_counter()
         self._first_token_at: Optional[float] = None
-        self._thread = threading.Thread(target=self._run, args=(model, kwargs, settings.seed), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self._thread.start()
 
-    def _run(self, model, kwargs, seed):
+    def _run(self, produce):
         try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.inference_mode():
-                model.generate(**kwargs)
+            produce(self._queue.put, self.stop_event)
         except BaseException as error:  # handed to the caller's thread, never lost
             self.error = error
         finally:
-            self.tokens.queue.put(_DONE)
+            self._queue.put(_DONE)
 
     def __iter__(self):
         while True:
             try:
-                item = self.tokens.queue.get(timeout=0.05)
+                item = self._queue.get(timeout=0.05)
             except queue.Empty:
                 continue
             if item is _DONE:
@@ -211,7 +161,7 @@ class ReplyStream:
             except KeyboardInterrupt:
                 continue
         while True:
-            item = self.tokens.queue.get()
+            item = self._queue.get()
             if item is _DONE:
                 break
             self.decoder.push(item)
@@ -232,24 +182,105 @@ class ReplyStream:
             reason = "length"
         else:
             reason = "stop"
-        started = self._started
         self.result = Reply(
             text=self.decoder.text(),
             token_ids=ids,
             prompt_tokens=self.prompt_tokens,
             finish_reason=reason,
-            first_token_seconds=None if self._first_token_at is None else self._first_token_at - started,
-            seconds=time.perf_counter() - started,
+            first_token_seconds=None if self._first_token_at is None else self._first_token_at - self._started,
+            seconds=time.perf_counter() - self._started,
+            cached_tokens=self.info.get("cached_tokens", 0),
         )
 
 
-def start_reply(model, tokenizer, messages, settings: GenerationSettings) -> ReplyStream:
-    return ReplyStream(model, tokenizer, messages, settings)
+# --- the plain engine: model.generate
 
 
-def generate_reply(model, tokenizer, messages, settings: GenerationSettings) -> Reply:
+class _Emitter(BaseStreamer):
+    """Receives token ids from ``generate`` and passes them on, skipping the prompt it sends first."""
+
+    def __init__(self, emit):
+        self.emit = emit
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.emit(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+class _StopFlag(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def generation_kwargs(model, tokenizer, settings: GenerationSettings) -> dict:
+    """Our settings as ``generate`` keywords; anything not given comes from the model's own config.
+
+    Keywords rather than a whole GenerationConfig, as the classic recipe passes them:
+    transformers then warns only about flags we set, not ones inherited from the model.
+    """
+    kwargs = {"max_new_tokens": settings.max_new_tokens}
+    if settings.do_sample and settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+        if settings.top_k is not None:
+            kwargs["top_k"] = settings.top_k
+    else:
+        kwargs["do_sample"] = False
+    if settings.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = settings.repetition_penalty
+    if model.generation_config.pad_token_id is None:  # avoids generate's warning on every call
+        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return kwargs
+
+
+def model_device(model):
+    return getattr(model, "device", None) or next(model.parameters()).device
+
+
+class GenerateEngine:
+    """``model.generate`` as the classic recipe calls it; works on any device and model."""
+
+    name = "transformers generate"
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.end_ids = end_token_ids(model, tokenizer)
+
+    def start(self, messages, settings: GenerationSettings) -> ReplyStream:
+        ids = prompt_ids(self.tokenizer, messages)
+        inputs = torch.tensor([ids], device=model_device(self.model))
+        kwargs = generation_kwargs(self.model, self.tokenizer, settings)
+
+        def produce(emit, stop_event):
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    streamer=_Emitter(emit),
+                    stopping_criteria=StoppingCriteriaList([_StopFlag(stop_event)]),
+                    **kwargs,
+                )
+
+        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids)
+
+    def close(self):
+        self.model = None
+
+
+def generate_reply(engine, messages, settings: GenerationSettings) -> Reply:
     """The whole reply at once (no streaming)."""
-    stream = start_reply(model, tokenizer, messages, settings)
+    stream = engine.start(messages, settings)
     for _ in stream:
         pass
     return stream.result

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from .engine import ENGINE_NAME
+from .engine import GenerateEngine
 from .prompt import has_chat_template
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -30,7 +30,8 @@ class LoadedModel:
     gpu_bytes: int
     context_length: int
     seconds: float
-    engine: str = ENGINE_NAME
+    engine: object = None  # GenerateEngine or fast.FastEngine
+    engine_note: str = ""
 
     @property
     def chat_template(self) -> bool:
@@ -40,7 +41,7 @@ class LoadedModel:
         memory = f"{self.gpu_bytes / 2**30:.1f} GiB GPU memory" if self.gpu_bytes else "no GPU memory"
         return (
             f"Loaded {self.name} · {self.precision} · {self.devices} · {memory} · "
-            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · engine: {self.engine}"
+            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · engine: {self.engine.name}{self.engine_note}"
         )
 
 
@@ -88,6 +89,7 @@ def load(
     device_map: Optional[str] = None,
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
+    engine: str = "auto",
     notify: Callable[[str], None] = print,
 ) -> LoadedModel:
     started = time.perf_counter()
@@ -138,7 +140,8 @@ def load(
         devices = ", ".join(sorted({str(d) if not isinstance(d, int) else f"cuda:{d}" for d in model.hf_device_map.values()}))
     else:
         devices = str(model.device)
-    context = getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0)
+    context = int(getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
+    chosen, note = pick_engine(model, tokenizer, engine, context)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -146,16 +149,35 @@ def load(
         precision=precision,
         devices=devices,
         gpu_bytes=_gpu_bytes(),
-        context_length=int(context),
+        context_length=context,
         seconds=time.perf_counter() - started,
+        engine=chosen,
+        engine_note=note,
     )
+
+
+def pick_engine(model, tokenizer, wanted: str, context_length: int):
+    """The fast engine on a GPU (or when asked for), else ``generate``; with a note when the fast one failed."""
+    if wanted == "generate" or (wanted == "auto" and not torch.cuda.is_available()):
+        return GenerateEngine(model, tokenizer), ""
+    from .fast import FastEngine
+
+    try:
+        fast = FastEngine(model, tokenizer, context_length=context_length)
+        fast.warm_up()
+        return fast, ""
+    except Exception as error:  # an architecture or setup the fast loop cannot run: fall back, say why
+        if wanted == "fast":
+            raise LoadError(f"The fast engine cannot run this model: {_first_line(error)}") from None
+        return GenerateEngine(model, tokenizer), f" (the fast engine could not run: {_first_line(error)})"
 
 
 def free(loaded: Optional[LoadedModel]) -> None:
     """Drop the model's weights and give its GPU memory back to the driver."""
     if loaded is not None:
-        loaded.model = None
-        loaded.tokenizer = None
+        if loaded.engine is not None:
+            loaded.engine.close()
+        loaded.model = loaded.tokenizer = loaded.engine = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

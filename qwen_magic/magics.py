@@ -19,6 +19,7 @@ from .history_view import history_table
 from .settings import CHECKS, GenerationSettings, first_problem
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+ENGINES = ("auto", "fast", "generate")
 
 
 def parse_argstring(magic, line):
@@ -42,6 +43,7 @@ class QwenMagics(Magics):
     system_prompt = Unicode(None, allow_none=True, help="System prompt of conversations that set none with --system; None uses the chat template's own.").tag(config=True)
     max_turns = Int(20, allow_none=True, help="Sliding window: earlier exchanges sent with each question (0 sends none; None, no limit).").tag(config=True)
     max_context_tokens = Int(None, allow_none=True, help="Token budget of prompt plus reply; older exchanges are dropped to fit. None: the model's context length.").tag(config=True)
+    engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
 
@@ -49,6 +51,12 @@ class QwenMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.conversation = Conversation()
         self.loaded = None  # a loader.LoadedModel
+
+    @validate("engine")
+    def _check_engine(self, proposal):
+        if proposal["value"] not in ENGINES:
+            raise TraitError(f"engine must be one of {', '.join(ENGINES)}, not {proposal['value']!r}")
+        return proposal["value"]
 
     @validate(*CHECKS)
     def _check_setting(self, proposal):
@@ -66,6 +74,7 @@ class QwenMagics(Magics):
     @argument("--device-map", help='accelerate device map, e.g. "auto" or "cuda:0"')
     @argument("--revision", help="branch, tag or commit of a Hub model")
     @argument("--trust-remote-code", action="store_true", help="run code shipped in the model repository")
+    @argument("--engine", choices=ENGINES, help="generation engine (default: QwenMagics.engine)")
     @line_magic
     def qwen_load(self, line):
         """Load a model onto the GPU (4-bit NF4 by default), replacing any model already loaded."""
@@ -81,6 +90,7 @@ class QwenMagics(Magics):
                 device_map=args.device_map,
                 revision=args.revision,
                 trust_remote_code=args.trust_remote_code,
+                engine=args.engine or self.engine,
             )
         except loader.LoadError as error:
             raise UsageError(str(error)) from None

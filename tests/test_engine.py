@@ -3,7 +3,7 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwen_magic.engine import IncrementalDecoder, generate_reply, start_reply
+from qwen_magic.engine import GenerateEngine, IncrementalDecoder, generate_reply
 from qwen_magic.settings import GenerationSettings
 
 GREEDY = GenerationSettings(do_sample=False, max_new_tokens=24)
@@ -12,32 +12,30 @@ QUESTION = [{"role": "user", "content": "介绍广州这座城市"}]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    return GenerateEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
 def endless(endless_model_dir):
-    return AutoModelForCausalLM.from_pretrained(endless_model_dir), AutoTokenizer.from_pretrained(endless_model_dir)
+    return GenerateEngine(AutoModelForCausalLM.from_pretrained(endless_model_dir), AutoTokenizer.from_pretrained(endless_model_dir))
 
 
 def test_greedy_reply_equals_the_classic_recipe(tiny, classic):
-    model, tokenizer = tiny
-    reply = generate_reply(model, tokenizer, QUESTION, GREEDY)
+    reply = generate_reply(tiny, QUESTION, GREEDY)
     assert reply.text == classic.reply(QUESTION, 24)
     assert reply.prompt_tokens == classic.count(QUESTION)
 
 
 def test_streamed_pieces_add_up_to_the_reply(tiny):
-    model, tokenizer = tiny
-    stream = start_reply(model, tokenizer, QUESTION, GREEDY)
+    stream = tiny.start(QUESTION, GREEDY)
     pieces = list(stream)
     assert len(pieces) > 1
     assert "".join(pieces) == stream.result.text
-    assert stream.result.text == generate_reply(model, tokenizer, QUESTION, GREEDY).text
+    assert stream.result.text == generate_reply(tiny, QUESTION, GREEDY).text
 
 
 def test_decoder_never_releases_half_a_character(tiny):
-    _, tokenizer = tiny
+    tokenizer = tiny.tokenizer
     text = "介绍广州这座城市。它有什么好吃的美食吗?"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text)  # several tokens per character: characters are split across tokens
@@ -48,14 +46,13 @@ def test_decoder_never_releases_half_a_character(tiny):
 
 
 def test_length_and_stop_reasons(endless, tiny):
-    reply = generate_reply(*endless, QUESTION, GenerationSettings(do_sample=False, max_new_tokens=7))
+    reply = generate_reply(endless, QUESTION, GenerationSettings(do_sample=False, max_new_tokens=7))
     assert reply.finish_reason == "length" and reply.new_tokens == 7
     assert reply.tokens_per_second and reply.first_token_seconds is not None
 
 
 def test_stop_keeps_the_partial_reply(endless):
-    model, tokenizer = endless
-    stream = start_reply(model, tokenizer, QUESTION, GenerationSettings(do_sample=False, max_new_tokens=100_000))
+    stream = endless.start(QUESTION, GenerationSettings(do_sample=False, max_new_tokens=100_000))
     pieces = []
     for piece in stream:
         pieces.append(piece)
@@ -69,20 +66,18 @@ def test_stop_keeps_the_partial_reply(endless):
 
 
 def test_an_error_in_the_worker_thread_reaches_the_caller(tiny, monkeypatch):
-    model, tokenizer = tiny
-
     def broken(**kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(model, "generate", broken)
-    stream = start_reply(model, tokenizer, QUESTION, GREEDY)
+    monkeypatch.setattr(tiny.model, "generate", broken)
+    stream = tiny.start(QUESTION, GREEDY)
     with pytest.raises(RuntimeError, match="simulated"):
         list(stream)
 
 
 def test_sampling_with_a_seed_is_reproducible(tiny):
     settings = GenerationSettings(max_new_tokens=16, seed=1234, temperature=1.0, top_p=0.95)
-    first = generate_reply(*tiny, QUESTION, settings)
-    assert generate_reply(*tiny, QUESTION, settings).token_ids == first.token_ids
-    other = [generate_reply(*tiny, QUESTION, settings.overridden(seed=s)).token_ids for s in range(4)]
+    first = generate_reply(tiny, QUESTION, settings)
+    assert generate_reply(tiny, QUESTION, settings).token_ids == first.token_ids
+    other = [generate_reply(tiny, QUESTION, settings.overridden(seed=s)).token_ids for s in range(4)]
     assert any(ids != first.token_ids for ids in other)

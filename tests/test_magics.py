@@ -385,3 +385,24 @@ def test_interrupt_keeps_the_partial_reply_marked(ip, qwen, endless_model_dir, m
     with capture_output() as shown:
         ip.run_line_magic("qwen_history", "")
     assert "| 1 | assistant (interrupted) |" in shown.outputs[0].data["text/markdown"]
+
+
+def test_fast_engine_through_the_magics(ip, qwen, tiny_model_dir, classic):
+    """The engine a GPU gets by default, forced on the CPU: same replies, cached history."""
+    with capture_output() as captured:
+        ip.run_line_magic("qwen_load", f"{tiny_model_dir} --engine fast")
+    assert captured.stdout.strip().endswith("engine: static KV cache")
+    ip.run_line_magic("config", "QwenMagics.do_sample = False")
+    history = []
+    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?"]:
+        shown = ask(ip, question, "--max-new-tokens 10")
+        history.append({"role": "user", "content": question})
+        history.append({"role": "assistant", "content": classic.reply(history, 10)})
+        assert ip.user_ns["_qwen"] == history[-1]["content"]
+    assert " cached)" in shown.outputs[-1].data["text/markdown"]
+    assert qwen.conversation.messages == history
+
+
+def test_unknown_engine_setting_is_refused(ip, qwen, caplog):
+    ip.run_line_magic("config", "QwenMagics.engine = 'turbo'")
+    assert qwen.engine == "auto" and "engine must be one of auto, fast, generate" in caplog.text

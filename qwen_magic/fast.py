@@ -1,0 +1,261 @@
+"""The fast engine: a static KV cache reused across turns and a decode step replayed as a CUDA graph.
+
+Per turn it tokenizes the windowed prompt exactly as the classic recipe does,
+keeps the longest prefix whose keys and values are already in the cache, and
+prefills only the rest. Decoding feeds one token at a time through a CUDA graph
+captured once per cache size, samples on the GPU, and lets the host read each
+token one step late, so the GPU never waits for Python.
+
+On a CPU (tests) the same loop runs without the graph.
+"""
+
+import inspect
+import random
+import threading
+from typing import List, Optional
+
+import torch
+from transformers import StaticCache
+
+from .engine import ReplyStream, end_token_ids, model_device
+from .prompt import prompt_ids
+from .settings import GenerationSettings
+
+CAPACITY_STEP = 1024  # cache sizes are multiples of this
+GROWTH = 1.5  # a cache that must grow gets this much headroom, so it grows rarely
+PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+
+
+def cache_keyword(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class Sampler:
+    """Repetition penalty, temperature, top-k, top-p and the draw, in that order (as transformers'), on the device.
+
+    The draw is the exponential-race form of sampling (argmax of p / E, E ~ Exp(1)),
+    which needs no host synchronisation, unlike ``torch.multinomial``.
+    """
+
+    def __init__(self, model, settings: GenerationSettings, prompt: List[int], device):
+        defaults = model.generation_config
+        self.greedy = not settings.do_sample or settings.temperature == 0
+        self.temperature = settings.temperature
+        self.top_p = settings.top_p
+        top_k = settings.top_k if settings.top_k is not None else defaults.top_k
+        self.top_k = 50 if top_k is None else top_k
+        penalty = settings.repetition_penalty if settings.repetition_penalty is not None else defaults.repetition_penalty
+        self.penalty = 1.0 if penalty is None else penalty
+        self.seen = None
+        if self.penalty != 1.0:
+            vocab = model.get_output_embeddings().weight.shape[0]
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt, device=device)] = True
+        self.generator = None
+        if not self.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(settings.seed if settings.seed is not None else random.randrange(2**63))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(1, vocab) logits -> (1, 1) token id, on the same device."""
+        scores = logits.float()
+        if self.seen is not None:
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(self.seen, penalized, scores)
+        if self.greedy:
+            token = scores.argmax(dim=-1, keepdim=True)
+        else:
+            scores = scores / self.temperature
+            if 0 < self.top_k < scores.shape[-1]:
+                kth = torch.topk(scores, self.top_k).values[..., -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            if self.top_p < 1.0:
+                ordered, order = torch.sort(scores, descending=False)
+                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+                remove = cumulative <= 1 - self.top_p
+                remove[..., -1:] = False
+                scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+            probs = scores.softmax(dim=-1)
+            race = torch.empty_like(probs).exponential_(generator=self.generator)
+            token = (probs / race).argmax(dim=-1, keepdim=True)
+        if self.seen is not None:
+            self.seen.scatter_(0, token.view(-1), True)
+        return token
+
+
+class FastEngine:
+    def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model_device(model)
+        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        self.name = "static KV cache + CUDA graph" if self.use_graph else "static KV cache"
+        self.context_length = context_length
+        self.end_ids = end_token_ids(model, tokenizer)
+        self.lock = threading.Lock()
+        self.cache = None
+        self.capacity = 0
+        self.cached_ids: List[int] = []  # tokens whose keys and values the cache holds, from position 0
+        self.graph = None
+        self.cache_keyword = cache_keyword(model)
+
+    # --- the cache
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions; a new cache starts empty (and needs a new graph)."""
+        if needed <= self.capacity:
+            return
+        capacity = _round_up(max(needed, int(needed * GROWTH) if self.capacity else needed), CAPACITY_STEP)
+        capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
+        self.cache = self.graph = None
+        self.cached_ids = []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self.capacity = capacity
+        self.write_position = None
+
+    def _write_at(self, position: int) -> None:
+        """Point the cache's writes at ``position``.
+
+        Older transformers write where ``cache_position`` says; newer static layers keep
+        their own write counter and ignore it, so move that counter too (in place: a
+        captured graph reads it from the same address).
+        """
+        if position == self.write_position:
+            return
+        for layer in getattr(self.cache, "layers", ()):
+            counter = getattr(layer, "cumulative_length", None)
+            if isinstance(counter, torch.Tensor):
+                counter.fill_(position)
+        self.write_position = position
+
+    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + ids.shape[1], device=self.device)
+        self._write_at(start)
+        self.write_position = start + ids.shape[1]
+        out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
+        return out.logits[:, -1, :]
+
+    def prefill(self, ids: List[int], reserve: int = 0, stop_event=None) -> torch.Tensor:
+        """Logits after ``ids``, computing keys and values only past the prefix already cached."""
+        self._reserve(len(ids) + reserve)
+        keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
+        self.cached_ids = self.cached_ids[:keep]
+        logits = None
+        for start in range(keep, len(ids), PREFILL_CHUNK):
+            if stop_event is not None and stop_event.is_set() and logits is not None:
+                break
+            piece = ids[start:start + PREFILL_CHUNK]
+            logits = self._forward(torch.tensor([piece], device=self.device), start)
+            self.cached_ids = ids[:start + len(piece)]
+        self.reused = keep
+        return logits
+
+    # --- one decode step
+
+    def _capture(self) -> None:
+        self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        # Warm-up runs really write keys and values: aim them at the last slot, which no turn has reached yet.
+        self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.write_position = None
+                self._write_at(self.capacity - 1)
+                self._step_eager(self.static_token, self.static_position)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_logits = self._step_eager(self.static_token, self.static_position)
+        self.graph = graph
+        self.write_position = None  # the counter, if any, is where the warm-up left it
+
+    def _step_eager(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=token, cache_position=position, use_cache=True, **{self.cache_keyword: self.cache})
+        return out.logits[:, -1, :]
+
+    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Feed one token (a (1, 1) device tensor) at ``position``; logits for the next. No host sync."""
+        if not self.use_graph:
+            self._write_at(position)
+            logits = self._step_eager(token, torch.tensor([position], device=self.device))
+        else:
+            if self.graph is None:
+                self._capture()
+            self._write_at(position)
+            self.static_token.copy_(token)
+            self.static_position.fill_(position)
+            self.graph.replay()
+            logits = self.static_logits
+        self.write_position = position + 1
+        return logits
+
+    # --- a reply
+
+    def warm_up(self) -> None:
+        """Allocate a first cache and capture its graph, so the first reply does not wait for them."""
+        with self.lock, torch.inference_mode():
+            ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+            logits = self.prefill(ids, reserve=CAPACITY_STEP)
+            self.step(logits.argmax(dim=-1, keepdim=True), len(ids))
+            self.cached_ids = []  # what the warm-up wrote is not a conversation
+
+    def start(self, messages, settings: GenerationSettings) -> ReplyStream:
+        ids = prompt_ids(self.tokenizer, messages)
+        info = {}
+
+        def produce(emit, stop_event):
+            with self.lock, torch.inference_mode():
+                try:
+                    self._generate(ids, settings, emit, stop_event, info)
+                except BaseException:
+                    self.cached_ids = []  # the cache may be half written: rebuild next time
+                    raise
+
+        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids, info=info)
+
+    def _generate(self, ids, settings, emit, stop_event, info) -> None:
+        sampler = Sampler(self.model, settings, ids, self.device)
+        logits = self.prefill(ids, reserve=settings.max_new_tokens, stop_event=stop_event)
+        info["cached_tokens"] = self.reused
+        if stop_event.is_set() and len(self.cached_ids) < len(ids):
+            return  # interrupted during a long prefill: no reply at all
+        host = torch.empty(settings.max_new_tokens, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        token, position = sampler(logits), len(ids)
+        for i in range(settings.max_new_tokens):
+            host[i:i + 1].copy_(token.view(1), non_blocking=True)
+            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
+            following = None
+            if i + 1 < settings.max_new_tokens:
+                # Queue the next step before reading this token: the GPU keeps working meanwhile.
+                following = sampler(self.step(token, position))
+            if ready is not None:
+                ready.synchronize()
+            value = int(host[i])
+            if following is not None:
+                self.cached_ids.append(value)
+                position += 1
+            emit([value])
+            if value in self.end_ids or stop_event.is_set() or following is None:
+                break
+            token = following
+
+    def close(self) -> None:
+        self.cache = self.graph = self.model = None

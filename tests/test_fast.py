@@ -1,0 +1,169 @@
+"""The fast engine on the CPU (no CUDA graph): cache reuse, cropping, rebuilds, sampling.
+
+Random-weight models make greedy token sequences fragile, so correctness is checked by
+teacher forcing: the same tokens through the fast path and through a plain forward
+pass must give the same logits at every step.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qwen_magic import fast
+from qwen_magic.engine import generate_reply
+from qwen_magic.fast import FastEngine, Sampler
+from qwen_magic.prompt import prompt_ids
+from qwen_magic.settings import GenerationSettings
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def engine(model_and_tokenizer):
+    return FastEngine(*model_and_tokenizer, context_length=4096, use_graph=False)
+
+
+def forced_logits(engine, prompt, continuation):
+    """Logits after the prompt and after each forced token, through prefill and single steps."""
+    with torch.inference_mode():
+        rows = [engine.prefill(prompt, reserve=len(continuation) + 1)]
+        for offset, token in enumerate(continuation):
+            rows.append(engine.step(torch.tensor([[token]]), len(prompt) + offset))
+            engine.cached_ids.append(token)
+    return torch.cat(rows)
+
+
+def reference_logits(model, prompt, continuation):
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + continuation])).logits[0]
+    return logits[len(prompt) - 1:]
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_teacher_forced_logits_match_over_turns_with_reuse_crop_and_rebuild(engine, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    turn = lambda *texts: prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
+    reply_one = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
+
+    first = turn("介绍广州这座城市")
+    assert relative_error(forced_logits(engine, first, reply_one), reference_logits(model, first, reply_one)) < 1e-5
+    assert engine.reused == 0
+
+    # Turn two: the history is cached, so only the new message is prefilled.
+    second = turn("介绍广州这座城市", "广州是广东省的省会。", "它有什么好吃的美食吗?")
+    assert second[: len(first) + len(reply_one)] == first + reply_one
+    reply_two = tokenizer("早茶和虾饺。", add_special_tokens=False)["input_ids"]
+    got = forced_logits(engine, second, reply_two)
+    assert engine.reused == len(first) + len(reply_one)
+    assert relative_error(got, reference_logits(model, second, reply_two)) < 1e-5
+
+    # The window dropped the first exchange: only the system prompt is still shared, the rest is rebuilt.
+    third = turn("它有什么好吃的美食吗?", "早茶和虾饺。", "还有呢?")
+    got = forced_logits(engine, third, reply_two)
+    assert engine.reused == fast.common_prefix(second, third) < len(first)
+    assert relative_error(got, reference_logits(model, third, reply_two)) < 1e-5
+
+    # Going back to a shorter prompt crops the cache to the shared prefix.
+    got = forced_logits(engine, first, reply_one)
+    assert engine.reused == fast.common_prefix(third, first)
+    assert relative_error(got, reference_logits(model, first, reply_one)) < 1e-5
+
+
+def test_the_cache_grows_when_a_conversation_outgrows_it(engine, model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)  # several chunks per prefill, too
+    short = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
+    forced_logits(engine, short, short)
+    small = engine.capacity
+    longer = short * 8
+    got = forced_logits(engine, longer, short)
+    assert engine.capacity > small and engine.capacity >= len(longer) + len(short)
+    assert relative_error(got, reference_logits(model, longer, short)) < 1e-5
+
+
+def test_greedy_replies_equal_the_classic_recipe(engine, classic):
+    settings = GenerationSettings(do_sample=False, max_new_tokens=16)
+    history = []
+    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello!"]:
+        history.append({"role": "user", "content": question})
+        reply = generate_reply(engine, history, settings)
+        expected = classic.reply(history, 16)
+        assert reply.text == expected
+        history.append({"role": "assistant", "content": expected})
+    assert reply.cached_tokens > 0
+    assert reply.prompt_tokens == classic.count(history[:-1])
+
+
+def test_seeded_samples_repeat(engine):
+    question = [{"role": "user", "content": "Hello!"}]
+    settings = GenerationSettings(max_new_tokens=20, temperature=1.0, top_p=0.95, seed=5)
+    first = generate_reply(engine, question, settings).token_ids
+    assert generate_reply(engine, question, settings).token_ids == first
+    assert any(generate_reply(engine, question, settings.overridden(seed=s)).token_ids != first for s in range(4))
+
+
+def test_sampler_keeps_the_same_tokens_as_transformers(model_and_tokenizer):
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    model, _ = model_and_tokenizer
+    torch.manual_seed(0)
+    logits = torch.randn(1, model.config.vocab_size) * 3
+    prompt = [5, 9, 9, 40]
+    settings = GenerationSettings(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.3)
+    theirs = logits.clone()
+    ids = torch.tensor([prompt])
+    for process in [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)]:
+        theirs = process(ids, theirs)
+    allowed = set(torch.nonzero(theirs[0] > float("-inf")).view(-1).tolist())
+    # A fresh sampler per draw: each one also marks what it drew as seen, for the penalty.
+    drawn = {int(Sampler(model, settings.overridden(seed=i), prompt, torch.device("cpu"))(logits)) for i in range(300)}
+    assert drawn <= allowed and len(drawn) > 1
+
+
+def test_greedy_sampler_applies_the_model_repetition_penalty(model_and_tokenizer):
+    model, _ = model_and_tokenizer  # the tiny model's own config says 1.05, as Qwen2.5's does
+    logits = torch.zeros(1, model.config.vocab_size)
+    logits[0, 7], logits[0, 8] = 1.04, 1.0
+    sampler = Sampler(model, GenerationSettings(do_sample=False), [7], torch.device("cpu"))
+    assert int(sampler(logits)) == 8  # 1.04 / 1.05 < 1.0
+
+
+def test_interrupt_during_fast_decode(model_and_tokenizer, endless_model_dir):
+    engine = FastEngine(AutoModelForCausalLM.from_pretrained(endless_model_dir), AutoTokenizer.from_pretrained(endless_model_dir),
+                        context_length=4096, use_graph=False)
+    stream = engine.start([{"role": "user", "content": "Write forever."}], GenerationSettings(do_sample=False, max_new_tokens=3000))
+    for count, _ in enumerate(stream):
+        if count == 4:
+            stream.stop()
+            break
+    reply = stream.result
+    assert reply.finish_reason == "interrupted" and 5 <= reply.new_tokens < 3000
+    # The next turn reuses what the interrupted one left in the cache.
+    follow = engine.start([{"role": "user", "content": "Write forever."}, {"role": "assistant", "content": reply.text},
+                           {"role": "user", "content": "Stop."}], GenerationSettings(do_sample=False, max_new_tokens=3))
+    list(follow)
+    assert follow.result.new_tokens == 3 and follow.result.cached_tokens > 10
+
+
+def test_an_error_drops_the_cache_and_reaches_the_caller(engine, monkeypatch):
+    question = [{"role": "user", "content": "Hello!"}]
+    generate_reply(engine, question, GenerationSettings(do_sample=False, max_new_tokens=4))
+    assert engine.cached_ids
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    monkeypatch.setattr(engine, "step", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        generate_reply(engine, question, GenerationSettings(do_sample=False, max_new_tokens=4))
+    assert engine.cached_ids == []
+    monkeypatch.undo()
+    assert generate_reply(engine, question, GenerationSettings(do_sample=False, max_new_tokens=4)).new_tokens == 4
