@@ -58,12 +58,13 @@ def build_tokenizer(vocab_size: int = 400):
     return tokenizer
 
 
-def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_length: int = 4096) -> Path:
+def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_length: int = 4096, **shape) -> Path:
     """Save a tiny random Qwen2ForCausalLM and its tokenizer under ``path``.
 
     ``endless=True`` zeroes the output rows of the end-of-turn tokens, so greedy
     decoding never picks them and a reply always runs to ``max_new_tokens``
-    (for interrupt and length tests).
+    (for interrupt and length tests). ``shape`` overrides Qwen2Config fields, e.g.
+    ``hidden_size=128`` so that 4-bit layers take bitsandbytes' batch-1 kernels.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -72,7 +73,7 @@ def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_leng
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    config = Qwen2Config(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -85,6 +86,7 @@ def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_leng
         pad_token_id=end_ids[1],
         bos_token_id=None,
     )
+    config = Qwen2Config(**{**fields, **shape})
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

@@ -1,0 +1,256 @@
+"""Classic recipe vs qwen_magic on one CUDA GPU, with a model of Qwen2.5-7B-Instruct's exact shape.
+
+Needs no network: it builds the model with random weights, saves it, and loads it in
+NF4 through ``%qwen_load``'s own loader. It measures, side by side in one run:
+decode tokens/s at a forced length, time to first token for a new message after
+several lengths of history, peak GPU memory at the longest history, and load time;
+plus the card's copy bandwidth and the decode limit it implies.
+
+    python benchmarks/bench_decode.py --out DIR [--dtype float16] [--tokens 256] [--history 512 2000 8000]
+
+Writes DIR/bench.json and DIR/bench.md and prints the table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from qwen_magic import loader
+from qwen_magic.engine import generate_reply
+from qwen_magic.prompt import prompt_ids
+from qwen_magic.settings import GenerationSettings
+from qwen_magic.tiny import _CORPUS, build_tokenizer
+
+QWEN25_7B = dict(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+)
+QUESTION = '请将以下文本分类为 [体育, 科技, 政治, 娱乐] 中的一个类别。文本:"苹果公司发布了新一代iPhone,搭载了更强大的A系列芯片。"请只输出类别名称。'
+TUTORIAL = dict(do_sample=True, temperature=0.7, top_p=0.9)
+
+
+def build_model(path):
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_7B))
+    torch.set_default_dtype(torch.float32)
+    model.generation_config = GenerationConfig(  # Qwen2.5-7B-Instruct's
+        eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+        repetition_penalty=1.05,
+    )
+    model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def sync_time(fn):
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
+def copy_bandwidth():
+    """Device-to-device copy, bytes read plus bytes written, median of 10 (bytes/s)."""
+    source = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(13):
+        seconds, _ = sync_time(lambda: target.copy_(source))
+        times.append(seconds)
+    del source, target
+    return 2 * 2**30 / statistics.median(times[3:])
+
+
+def bytes_per_token(model):
+    """The weights one decode step must read: packed 4-bit weights with their scales, and 16-bit layers."""
+    import bitsandbytes as bnb
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            total += module.weight.numel() * module.weight.element_size() + state.absmax.numel() * state.absmax.element_size()
+            if getattr(state, "state2", None) is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, torch.nn.Embedding):
+            total += module.weight.shape[1] * module.weight.element_size()  # one row
+    return total
+
+
+def history_of(tokenizer, tokens):
+    """Exchanges of filler text until the rendered history is about ``tokens`` long."""
+    messages, i = [], 0
+    while True:
+        text = " ".join(_CORPUS[(i + k) % len(_CORPUS)] for k in range(6))
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": text[::-1]}]
+        i += 1
+        if len(prompt_ids(tokenizer, messages)) >= tokens:
+            return messages
+
+
+def classic_generate(model, ids, new_tokens, **sampling):
+    inputs = torch.tensor([ids], device="cuda")
+    return model.generate(
+        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens, min_new_tokens=new_tokens, **sampling
+    )
+
+
+def drop_fast_cache(engine):
+    engine.cache = engine.graph = None
+    engine.capacity, engine.cached_ids = 0, []
+    torch.cuda.empty_cache()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--dtype", default="float16", help="compute dtype (float16 is what a T4 uses)")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--history", type=int, nargs="+", default=[512, 2000, 8000])
+    parser.add_argument("--model-dir", help="reuse a model built earlier")
+    args = parser.parse_args()
+    import bitsandbytes
+    import transformers
+
+    results = {
+        "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(), "compute_dtype": args.dtype,
+        "new_tokens": args.tokens,
+    }
+    path = args.model_dir or tempfile.mkdtemp(prefix="qwen7b-shape-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        seconds, _ = sync_time(lambda: build_model(path))
+        print(f"built and saved the 7B-shaped model in {seconds:.0f} s")
+
+    results["bandwidth_bytes_per_s"] = copy_bandwidth()
+    quiet = lambda _: None
+
+    # --- the classic recipe: from_pretrained with BitsAndBytesConfig, then generate
+    torch.cuda.reset_peak_memory_stats()
+    classic = loader.load(path, bits=4, dtype=args.dtype, engine="generate", notify=quiet)
+    results["load_s_classic"] = classic.seconds
+    model, tokenizer = classic.model, classic.tokenizer
+    results["bytes_per_token"] = bytes_per_token(model)
+    question = prompt_ids(tokenizer, [{"role": "user", "content": QUESTION}])
+    classic_generate(model, question, 8, **TUTORIAL)  # warm-up
+    for name, sampling in [("sampled", TUTORIAL), ("greedy", dict(do_sample=False))]:
+        first, _ = sync_time(lambda: classic_generate(model, question, 1, **sampling))
+        whole, _ = sync_time(lambda: classic_generate(model, question, args.tokens, **sampling))
+        results[f"decode_tps_classic_{name}"] = (args.tokens - 1) / (whole - first)
+    histories = {n: history_of(tokenizer, n) for n in args.history}
+    new_message = {"role": "user", "content": "它有什么好吃的美食吗?"}
+    for n, history in histories.items():
+        ids = prompt_ids(tokenizer, history + [new_message])
+        times = [sync_time(lambda: classic_generate(model, ids, 1, **TUTORIAL))[0] for _ in range(3)]
+        results[f"ttft_s_classic_{n}"] = statistics.median(times)
+        results[f"history_tokens_{n}"] = len(ids)
+    longest = max(args.history)
+    ids = prompt_ids(tokenizer, histories[longest] + [new_message])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    classic_generate(model, ids, args.tokens, **TUTORIAL)
+    results["peak_gib_classic"] = torch.cuda.max_memory_allocated() / 2**30
+    loader.free(classic)
+    del model, classic
+
+    # --- qwen_magic: the same loader, the fast engine
+    torch.cuda.reset_peak_memory_stats()
+    ours = loader.load(path, bits=4, dtype=args.dtype, engine="auto", notify=quiet)
+    results["engine"] = ours.engine.name + ours.engine_note
+    results["load_s_ours"] = ours.seconds
+    engine = ours.engine
+    engine.end_ids = set()  # forced length, as min_new_tokens forces the classic recipe
+    settings = {name: GenerationSettings(max_new_tokens=args.tokens, do_sample=name == "sampled", temperature=0.7, top_p=0.9)
+                for name in ("sampled", "greedy")}
+    question_messages = [{"role": "user", "content": QUESTION}]
+    generate_reply(engine, question_messages, settings["sampled"])  # warm-up (and the cache sized)
+    for name in ("sampled", "greedy"):
+        rates = [generate_reply(engine, question_messages, settings[name]).tokens_per_second for _ in range(3)]
+        results[f"decode_tps_ours_{name}"] = statistics.median(rates)
+    one = GenerationSettings(max_new_tokens=1, temperature=0.7, top_p=0.9)
+    for n, history in histories.items():
+        full = prompt_ids(tokenizer, history + [new_message])
+        times, cold = [], None
+        for attempt in range(4):
+            if attempt == 0:
+                drop_fast_cache(engine)  # a first turn: nothing cached yet
+            else:
+                # The previous turn left the history (replies included) in the cache; the new message is not.
+                with torch.inference_mode():
+                    engine._reserve(len(full) + args.tokens)
+                    shared = len(full) - len(tokenizer(f"<|im_start|>user\n{new_message['content']}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+                    engine.prefill(full[:shared])
+                    engine.step(torch.zeros((1, 1), dtype=torch.long, device="cuda"), shared)
+            torch.cuda.synchronize()
+            reply = generate_reply(engine, history + [new_message], one)
+            if attempt == 0:
+                cold = reply.first_token_seconds
+            else:
+                times.append(reply.first_token_seconds)
+                results[f"cached_tokens_{n}"] = reply.cached_tokens
+        results[f"ttft_s_ours_{n}"] = statistics.median(times)
+        results[f"ttft_s_ours_uncached_{n}"] = cold
+    drop_fast_cache(engine)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    generate_reply(engine, histories[longest] + [new_message], settings["sampled"])
+    results["peak_gib_ours"] = torch.cuda.max_memory_allocated() / 2**30
+    loader.free(ours)
+
+    report(results, args)
+
+
+def report(r, args):
+    limit = r["bandwidth_bytes_per_s"] / r["bytes_per_token"]
+    rows = [
+        ("decode tokens/s, sampled (T 0.7, top-p 0.9)", r["decode_tps_classic_sampled"], r["decode_tps_ours_sampled"], "x"),
+        ("decode tokens/s, greedy", r["decode_tps_classic_greedy"], r["decode_tps_ours_greedy"], "x"),
+    ]
+    for n in args.history:
+        rows.append((f"time to first token, {r[f'history_tokens_{n}']:,}-token prompt (s)", r[f"ttft_s_classic_{n}"], r[f"ttft_s_ours_{n}"], "/"))
+    rows += [
+        (f"peak GPU memory at {max(args.history):,} tokens + {args.tokens} new (GiB)", r["peak_gib_classic"], r["peak_gib_ours"], "/"),
+        ("load time (s)", r["load_s_classic"], r["load_s_ours"], "/"),
+    ]
+    lines = [
+        f"card: {r['card']} · torch {r['torch']} · transformers {r['transformers']} · bitsandbytes {r['bitsandbytes']} · "
+        f"NF4, {r['compute_dtype']} compute · engine: {r['engine']}",
+        "",
+        "| measure | classic recipe | qwen_magic | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, classic, ours, kind in rows:
+        ratio = ours / classic if kind == "x" else classic / ours
+        lines.append(f"| {name} | {classic:.3g} | {ours:.3g} | {ratio:.2f}{'×' if kind == 'x' else ' (classic/ours)'} |")
+    lines += [
+        "",
+        f"copy bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; weights read per token {r['bytes_per_token'] / 1e9:.2f} GB; "
+        f"decode limit {limit:.0f} tokens/s; qwen_magic greedy reaches {100 * r['decode_tps_ours_greedy'] / limit:.0f} % of it.",
+        "uncached first turn, qwen_magic: " + ", ".join(f"{r[f'ttft_s_ours_uncached_{n}']:.3f} s at {n}" for n in args.history),
+        "cached tokens reused: " + ", ".join(f"{r[f'cached_tokens_{n}']:,} of {r[f'history_tokens_{n}']:,}" for n in args.history),
+    ]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench.json"), "w") as file:
+        json.dump(r, file, indent=1)
+    with open(os.path.join(args.out, "bench.md"), "w") as file:
+        file.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

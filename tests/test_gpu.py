@@ -1,0 +1,128 @@
+"""On a CUDA GPU with bitsandbytes: NF4 loading, the CUDA-graph engine checked by teacher forcing,
+cache reuse over turns, interrupts. Skipped cleanly elsewhere (CI has no GPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+
+from qwen_magic import loader
+from qwen_magic.engine import generate_reply
+from qwen_magic.fast import FastEngine
+from qwen_magic.prompt import prompt_ids
+from qwen_magic.settings import GenerationSettings
+from test_fast import forced_logits, reference_logits, relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"),
+]
+
+# Wide enough (a multiple of bitsandbytes' 64-value blocks) for its batch-1 4-bit kernels.
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def gpu_model_dir(tmp_path_factory):
+    from qwen_magic.tiny import write_tiny_model
+
+    return str(write_tiny_model(tmp_path_factory.mktemp("gpu-qwen"), **SHAPE))
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])  # float16 is what a T4 computes in
+def nf4(request, gpu_model_dir):
+    loaded = loader.load(gpu_model_dir, bits=4, dtype=request.param, engine="fast", notify=lambda _: None)
+    yield loaded
+    loader.free(loaded)
+
+
+def turns(tokenizer, *texts):
+    return prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
+
+
+def test_nf4_load_takes_the_fast_engine(nf4):
+    import bitsandbytes as bnb
+
+    layers = [m for m in nf4.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
+    assert nf4.precision.startswith("4-bit NF4")
+    assert nf4.devices == "cuda:0" and nf4.gpu_bytes > 0
+    assert nf4.engine.name == "static KV cache + CUDA graph"
+
+
+def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
+    model, tokenizer = nf4.model, nf4.tokenizer
+    graphed = nf4.engine
+    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False)
+    reply_one = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
+    reply_two = tokenizer("早茶和虾饺。<|im_end|>", add_special_tokens=False)["input_ids"]
+    for prompt, reply in [
+        (turns(tokenizer, "介绍广州这座城市"), reply_one),
+        (turns(tokenizer, "介绍广州这座城市", "广州是广东省的省会。", "它有什么好吃的美食吗?"), reply_two),  # reuses the cache
+        (turns(tokenizer, "它有什么好吃的美食吗?", "早茶和虾饺。", "还有呢?"), reply_two),  # window moved: rebuilt
+    ]:
+        fast = forced_logits(graphed, prompt, reply).float()
+        assert relative_error(fast, forced_logits(eager, prompt, reply).float()) < 1e-3
+        # A plain forward runs other kernels (batched dequantize + matmul), so allow half-precision rounding.
+        assert relative_error(fast, reference_logits(model, prompt, reply).float()) < 2e-2
+
+
+def test_cache_reuse_over_several_turns(nf4):
+    engine = nf4.engine
+    settings = GenerationSettings(do_sample=False, max_new_tokens=24)
+    history = []
+    cached = []
+    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello! How are you today?", "再见"]:
+        history.append({"role": "user", "content": question})
+        reply = generate_reply(engine, history, settings)
+        cached.append(reply.cached_tokens)
+        assert reply.new_tokens > 0
+        history.append({"role": "assistant", "content": reply.text})
+    assert all(c > 60 for c in cached[1:])  # everything up to the new message came from the cache
+
+
+def test_seeded_sampling_repeats_on_the_gpu(nf4):
+    question = [{"role": "user", "content": "Hello!"}]
+    settings = GenerationSettings(max_new_tokens=32, seed=11)
+    first = generate_reply(nf4.engine, question, settings).token_ids
+    assert generate_reply(nf4.engine, question, settings).token_ids == first
+
+
+def test_interrupt_during_graph_decode_keeps_memory_steady(nf4):
+    engine = nf4.engine
+    settings = GenerationSettings(do_sample=False, max_new_tokens=2000)
+    generate_reply(engine, [{"role": "user", "content": "warm"}], GenerationSettings(max_new_tokens=2000, do_sample=False))
+    before = torch.cuda.memory_allocated()
+    stream = engine.start([{"role": "user", "content": "Write forever."}], settings)
+    for count, _ in enumerate(stream):
+        if count == 5:
+            stream.stop()
+            break
+    assert stream.result.finish_reason == "interrupted" and stream.result.new_tokens < 2000
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+def test_magics_on_the_gpu(gpu_model_dir):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.extension_manager.load_extension("qwen_magic")
+    try:
+        with capture_output() as shown:
+            ip.run_line_magic("qwen_load", gpu_model_dir)
+        summary = shown.stdout.strip().splitlines()[-1]
+        assert "4-bit NF4 (bfloat16 compute) · cuda:0 · " in summary and "engine: static KV cache + CUDA graph" in summary
+        for question in ["介绍广州这座城市", "它有什么好吃的美食吗?"]:
+            with capture_output() as shown:
+                ip.run_cell_magic("qwen", "--max-new-tokens 16", question)
+        assert " cached)" in shown.outputs[-1].data["text/markdown"]
+        magics = ip.magics_manager.registry["QwenMagics"]
+        assert len(magics.conversation.messages) == 4
+        allocated = torch.cuda.memory_allocated()
+        ip.run_line_magic("qwen_unload", "")
+        assert torch.cuda.memory_allocated() < allocated / 2
+    finally:
+        ip.extension_manager.unload_extension("qwen_magic")
