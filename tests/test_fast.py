@@ -31,14 +31,14 @@ def forced_logits(engine, prompt, continuation):
     with torch.inference_mode():
         rows = [engine.prefill(prompt, reserve=len(continuation) + 1)]
         for offset, token in enumerate(continuation):
-            rows.append(engine.step(torch.tensor([[token]]), len(prompt) + offset))
+            rows.append(engine.step(torch.tensor([[token]], device=engine.device), len(prompt) + offset))
             engine.cached_ids.append(token)
     return torch.cat(rows)
 
 
 def reference_logits(model, prompt, continuation):
     with torch.inference_mode():
-        logits = model(torch.tensor([prompt + continuation])).logits[0]
+        logits = model(torch.tensor([prompt + continuation], device=model.device)).logits[0]
     return logits[len(prompt) - 1:]
 
 
