@@ -190,7 +190,10 @@ class FastEngine:
         return out.logits[:, -1, :]
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        """Feed one token (a (1, 1) device tensor) at ``position``; logits for the next. No host sync."""
+        """Feed one token (a (1, 1) device tensor) at ``position``; logits for the next. No host sync.
+
+        With a graph the logits are its output buffer, valid until the next step.
+        """
         if not self.use_graph:
             self._write_at(position)
             logits = self._step_eager(token, torch.tensor([position], device=self.device))

@@ -31,7 +31,8 @@ def forced_logits(engine, prompt, continuation):
     with torch.inference_mode():
         rows = [engine.prefill(prompt, reserve=len(continuation) + 1)]
         for offset, token in enumerate(continuation):
-            rows.append(engine.step(torch.tensor([[token]], device=engine.device), len(prompt) + offset))
+            # clone: with a CUDA graph the returned logits live in a buffer the next step overwrites
+            rows.append(engine.step(torch.tensor([[token]], device=engine.device), len(prompt) + offset).clone())
             engine.cached_ids.append(token)
     return torch.cat(rows)
 
