@@ -31,7 +31,7 @@ def gpu_model_dir(tmp_path_factory):
     return str(write_tiny_model(tmp_path_factory.mktemp("gpu-qwen"), **SHAPE))
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])  # float16 is what a T4 computes in
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float16"])  # float16 is what a T4 computes in
 def nf4(request, gpu_model_dir):
     loaded = loader.load(gpu_model_dir, bits=4, dtype=request.param, engine="fast", notify=lambda _: None)
     yield loaded
@@ -52,6 +52,17 @@ def test_nf4_load_takes_the_fast_engine(nf4):
     assert nf4.engine.name == "static KV cache + CUDA graph"
 
 
+def incremental_logits(model, prompt, continuation):
+    """The classic recipe's own path: a dynamic cache fed one token at a time."""
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt], device=model.device), use_cache=True)
+        rows = [out.logits[:, -1]]
+        for token in continuation:
+            out = model(torch.tensor([[token]], device=model.device), past_key_values=out.past_key_values, use_cache=True)
+            rows.append(out.logits[:, -1])
+    return torch.cat(rows)
+
+
 def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
     model, tokenizer = nf4.model, nf4.tokenizer
     graphed = nf4.engine
@@ -65,8 +76,14 @@ def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
     ]:
         fast = forced_logits(graphed, prompt, reply).float()
         assert relative_error(fast, forced_logits(eager, prompt, reply).float()) < 1e-3
-        # A plain forward runs other kernels (batched dequantize + matmul), so allow half-precision rounding.
-        assert relative_error(fast, reference_logits(model, prompt, reply).float()) < 2e-2
+        reference = reference_logits(model, prompt, reply).float()
+        if model.dtype == torch.float32:
+            assert relative_error(fast, reference) < 1e-3
+        else:
+            # A plain forward runs other kernels (batched dequantize + matmul), so half-precision rounding
+            # shows; the fast path may differ from it no more than the classic recipe's own path does.
+            classic = relative_error(incremental_logits(model, prompt, reply).float(), reference)
+            assert relative_error(fast, reference) <= max(1.5 * classic, 1e-3)
 
 
 def test_cache_reuse_over_several_turns(nf4):
