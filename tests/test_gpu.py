@@ -2,6 +2,7 @@
 cache reuse over turns, interrupts. Skipped cleanly elsewhere (CI has no GPU)."""
 
 import importlib.util
+import weakref
 
 import pytest
 import torch
@@ -138,8 +139,11 @@ def test_magics_on_the_gpu(gpu_model_dir):
         assert " cached)" in shown.outputs[-1].data["text/markdown"]
         magics = ip.magics_manager.registry["QwenMagics"]
         assert len(magics.conversation.messages) == 4
+        model = weakref.ref(magics.loaded.model)
+        weights = magics.loaded.model.get_memory_footprint()
         allocated = torch.cuda.memory_allocated()
         ip.run_line_magic("qwen_unload", "")
-        assert torch.cuda.memory_allocated() < allocated / 2
+        assert model() is None  # nothing holds the model any more
+        assert allocated - torch.cuda.memory_allocated() >= weights  # its weights, cache and graph pool are gone
     finally:
         ip.extension_manager.unload_extension("qwen_magic")
