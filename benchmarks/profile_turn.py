@@ -16,7 +16,6 @@ import torch
 
 from bench_decode import build_model, history_of, sync_time
 from qwen_magic import fast, loader
-from qwen_magic.engine import generate_reply
 from qwen_magic.fast import Sampler
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
@@ -67,9 +66,14 @@ def main():
         say(f"one graph step: {1000 * sorted(steps)[10]:.2f} ms")
         samples = [sync_time(lambda: sampler(logits))[0] for _ in range(20)]
         say(f"one sample: {1000 * sorted(samples)[10]:.2f} ms")
-    prime()
-    seconds, reply = sync_time(lambda: generate_reply(engine, messages, settings))
-    say(f"whole turn: {1000 * seconds:.1f} ms, first token at {1000 * reply.first_token_seconds:.1f} ms, cached {reply.cached_tokens}")
+    for _ in range(3):
+        prime()
+        started = time.perf_counter()
+        stream = engine.start(messages, settings)
+        list(stream)
+        reply, marks = stream.result, stream.info["timings"]
+        steps = ", ".join(f"{name} {1000 * (at - started):.1f}" for name, at in marks.items())
+        say(f"whole turn: first token at {1000 * reply.first_token_seconds:.1f} ms (ms from start(): {steps}), cached {reply.cached_tokens}")
 
     prime()
     from torch.profiler import ProfilerActivity, profile

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmark.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|all]   (results go to $OUT)
+# On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|profile|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -9,9 +9,13 @@ python3 -m pip install -q --no-deps --no-index .whl/bitsandbytes-*.whl $(ls .whl
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes, IPython; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ipython', IPython.__version__)"
-if [ "$what" != bench ]; then
-    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
-fi
-if [ "$what" != tests ]; then
-    python3 benchmarks/bench_decode.py --out "$OUT" 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench.txt" | tail -30
-fi
+model=/tmp/qwen7b-shape
+case $what in tests|all)
+    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+esac
+case $what in bench|all)
+    python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench.txt" | tail -16 ;;
+esac
+case $what in profile|all)
+    python3 benchmarks/profile_turn.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|_warn_once' | cut -c1-160 | head -14 ;;
+esac

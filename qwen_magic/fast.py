@@ -12,18 +12,54 @@ On a CPU (tests) the same loop runs without the graph.
 import inspect
 import random
 import threading
+import time
 from typing import List, Optional
 
 import torch
 from transformers import StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .engine import ReplyStream, end_token_ids, model_device
 from .prompt import prompt_ids
 from .settings import GenerationSettings
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
-GROWTH = 1.5  # a cache that must grow gets this much headroom, so it grows rarely
+GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely
 PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
+ATTENTION = "qwen_magic_gqa"
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Attention for a few query tokens against a long static cache.
+
+    transformers' SDPA path copies each key/value head once per query head that
+    shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
+    decode step. Grouping the query heads per key/value head reads the cache once.
+    Longer queries (prefill) take the SDPA path as usual.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if length > SMALL_QUERY or attention_mask is None or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
+    mask = mask.reshape(batch, attention_mask.shape[1], group * length, attention_mask.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1).to(value.dtype)
+    output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def cache_keyword(model) -> str:
@@ -111,6 +147,11 @@ class FastEngine:
         self.cached_ids: List[int] = []  # tokens whose keys and values the cache holds, from position 0
         self.graph = None
         self.cache_keyword = cache_keyword(model)
+        # Only models on SDPA get the grouped attention (and get SDPA back on close).
+        self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
+        if self.grouped:
+            _register_attention()
+            model.set_attn_implementation(ATTENTION)
 
     # --- the cache
 
@@ -120,13 +161,18 @@ class FastEngine:
             return
         capacity = _round_up(max(needed, int(needed * GROWTH) if self.capacity else needed), CAPACITY_STEP)
         capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
-        self.cache = self.graph = None
-        self.cached_ids = []
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._drop_cache()
         self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
         self.capacity = capacity
         self.write_position = None
+
+    def _drop_cache(self) -> None:
+        # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
+        self.cache = self.graph = None
+        self.static_token = self.static_position = self.static_logits = None
+        self.capacity, self.cached_ids = 0, []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _write_at(self, position: int) -> None:
         """Point the cache's writes at ``position``.
@@ -233,8 +279,11 @@ class FastEngine:
         return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids, info=info)
 
     def _generate(self, ids, settings, emit, stop_event, info) -> None:
+        clock = time.perf_counter
+        info["timings"] = timings = {"start": clock()}
         sampler = Sampler(self.model, settings, ids, self.device)
         logits = self.prefill(ids, reserve=settings.max_new_tokens, stop_event=stop_event)
+        timings["prefill_queued"] = clock()
         info["cached_tokens"] = self.reused
         if stop_event.is_set() and len(self.cached_ids) < len(ids):
             return  # interrupted during a long prefill: no reply at all
@@ -252,6 +301,8 @@ class FastEngine:
             if ready is not None:
                 ready.synchronize()
             value = int(host[i])
+            if i == 0:
+                timings["first_token"] = clock()
             if following is not None:
                 self.cached_ids.append(value)
                 position += 1
@@ -261,4 +312,8 @@ class FastEngine:
             token = following
 
     def close(self) -> None:
-        self.cache = self.graph = self.model = None
+        """Free the cache and graph, and give the model back its own attention."""
+        self._drop_cache()
+        if self.model is not None and self.grouped:
+            self.model.set_attn_implementation("sdpa")
+        self.model = None

@@ -162,11 +162,14 @@ def pick_engine(model, tokenizer, wanted: str, context_length: int):
         return GenerateEngine(model, tokenizer), ""
     from .fast import FastEngine
 
+    fast = None
     try:
         fast = FastEngine(model, tokenizer, context_length=context_length)
         fast.warm_up()
         return fast, ""
     except Exception as error:  # an architecture or setup the fast loop cannot run: fall back, say why
+        if fast is not None:
+            fast.close()
         if wanted == "fast":
             raise LoadError(f"The fast engine cannot run this model: {_first_line(error)}") from None
         return GenerateEngine(model, tokenizer), f" (the fast engine could not run: {_first_line(error)})"

@@ -23,7 +23,9 @@ def model_and_tokenizer(tiny_model_dir):
 
 @pytest.fixture
 def engine(model_and_tokenizer):
-    return FastEngine(*model_and_tokenizer, context_length=4096, use_graph=False)
+    engine = FastEngine(*model_and_tokenizer, context_length=4096, use_graph=False)
+    yield engine
+    engine.close()
 
 
 def forced_logits(engine, prompt, continuation):
@@ -168,3 +170,31 @@ def test_an_error_drops_the_cache_and_reaches_the_caller(engine, monkeypatch):
     assert engine.cached_ids == []
     monkeypatch.undo()
     assert generate_reply(engine, question, GenerationSettings(do_sample=False, max_new_tokens=4)).new_tokens == 4
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_grouped_attention_equals_sdpa(length):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from qwen_magic.fast import grouped_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 7, True
+    query = torch.randn(1, 28, length, 16)
+    key, value = torch.randn(1, 4, 40, 16), torch.randn(1, 4, 40, 16)
+    mask = torch.zeros(1, 1, length, 40, dtype=torch.bool)
+    for row in range(length):
+        mask[0, 0, row, : 20 + row + 1] = True  # 20 cached tokens, then causal; the rest are stale slots
+    ours, _ = grouped_attention(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (1, length, 28, 16)
+    assert relative_error(ours, theirs) < 1e-5
+
+
+def test_the_fast_engine_uses_grouped_attention_and_gives_it_back(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = FastEngine(model, tokenizer, context_length=4096, use_graph=False)
+    assert model.config._attn_implementation == fast.ATTENTION
+    engine.close()
+    assert model.config._attn_implementation == "sdpa"
