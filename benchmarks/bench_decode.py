@@ -109,12 +109,6 @@ def classic_generate(model, ids, new_tokens, **sampling):
     )
 
 
-def drop_fast_cache(engine):
-    engine.cache = engine.graph = None
-    engine.capacity, engine.cached_ids = 0, []
-    torch.cuda.empty_cache()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
@@ -143,6 +137,7 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     classic = loader.load(path, bits=4, dtype=args.dtype, engine="generate", notify=quiet)
     results["load_s_classic"] = classic.seconds
+    results["loaded_gib_classic"] = torch.cuda.memory_allocated() / 2**30
     model, tokenizer = classic.model, classic.tokenizer
     results["bytes_per_token"] = bytes_per_token(model)
     question = prompt_ids(tokenizer, [{"role": "user", "content": QUESTION}])
@@ -172,6 +167,7 @@ def main():
     ours = loader.load(path, bits=4, dtype=args.dtype, engine="auto", notify=quiet)
     results["engine"] = ours.engine.name + ours.engine_note
     results["load_s_ours"] = ours.seconds
+    results["loaded_gib_ours"] = torch.cuda.memory_allocated() / 2**30
     engine = ours.engine
     engine.end_ids = set()  # forced length, as min_new_tokens forces the classic recipe
     settings = {name: GenerationSettings(max_new_tokens=args.tokens, do_sample=name == "sampled", temperature=0.7, top_p=0.9)
@@ -187,7 +183,7 @@ def main():
         times, cold = [], None
         for attempt in range(4):
             if attempt == 0:
-                drop_fast_cache(engine)  # a first turn: nothing cached yet
+                engine._drop_cache()  # a first turn: nothing cached yet
             else:
                 # The previous turn left the history (replies included) in the cache; the new message is not.
                 with torch.inference_mode():
@@ -204,11 +200,15 @@ def main():
                 results[f"cached_tokens_{n}"] = reply.cached_tokens
         results[f"ttft_s_ours_{n}"] = statistics.median(times)
         results[f"ttft_s_ours_uncached_{n}"] = cold
-    drop_fast_cache(engine)
+    engine._drop_cache()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    generate_reply(engine, histories[longest] + [new_message], settings["sampled"])
+    stream = engine.start(histories[longest] + [new_message], settings["sampled"])
+    for count, _ in enumerate(stream):
+        if count == 0:  # after the prefill and the graph's capture
+            results["first_token_peak_gib_ours"] = torch.cuda.max_memory_allocated() / 2**30
     results["peak_gib_ours"] = torch.cuda.max_memory_allocated() / 2**30
+    results["capacity_ours"] = engine.capacity
     loader.free(ours)
 
     report(results, args)
@@ -240,6 +240,8 @@ def report(r, args):
         "",
         f"copy bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; weights read per token {r['bytes_per_token'] / 1e9:.2f} GB; "
         f"decode limit {limit:.0f} tokens/s; qwen_magic greedy reaches {100 * r['decode_tps_ours_greedy'] / limit:.0f} % of it.",
+        f"GPU memory after loading: classic {r['loaded_gib_classic']:.2f} GiB, qwen_magic {r['loaded_gib_ours']:.2f} GiB "
+        f"(its cache for {r['capacity_ours']:,} tokens; peak by the first token {r['first_token_peak_gib_ours']:.2f} GiB).",
         "uncached first turn, qwen_magic: " + ", ".join(f"{r[f'ttft_s_ours_uncached_{n}']:.3f} s at {n}" for n in args.history),
         "cached tokens reused: " + ", ".join(f"{r[f'cached_tokens_{n}']:,} of {r[f'history_tokens_{n}']:,}" for n in args.history),
     ]

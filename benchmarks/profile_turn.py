@@ -87,6 +87,10 @@ def main():
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
     say("by CUDA time:\n" + table)
 
+    with torch.inference_mode():
+        engine.graph = None
+        seconds, _ = sync_time(lambda: engine.step(token, len(ids)))
+    say(f"graph capture at capacity {engine.capacity}: {seconds:.3f} s")
     for chunk in (2048, 1024, 512):
         fast.PREFILL_CHUNK = chunk
         engine.cache = engine.graph = None

@@ -26,6 +26,7 @@ from .settings import GenerationSettings
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely
 PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
 ATTENTION = "qwen_magic_gqa"
 
@@ -40,18 +41,15 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    if length > SMALL_QUERY or attention_mask is None or dropout:
+    if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads
-    scale = dim ** -0.5 if scaling is None else scaling
-    grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    # Query head h reads key/value head h // group: fold each group's heads into the query length.
+    grouped = query.reshape(batch, kv_heads, group * length, dim)
     mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
     mask = mask.reshape(batch, attention_mask.shape[1], group * length, attention_mask.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
-    return output.transpose(1, 2).contiguous(), None
+    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
@@ -161,9 +159,25 @@ class FastEngine:
             return
         capacity = _round_up(max(needed, int(needed * GROWTH) if self.capacity else needed), CAPACITY_STEP)
         capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
+        old, kept = self.cache, list(self.cached_ids)
         self._drop_cache()
         self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
         self.capacity = capacity
+        self.write_position = None
+        if old is not None and kept:
+            self._copy_from(old, kept)
+
+    def _copy_from(self, old, kept: List[int]) -> None:
+        """Carry the cached tokens over to a larger cache, so growing costs a copy, not a new prefill."""
+        layers = getattr(old, "layers", None)
+        if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
+            return  # a cache of another make: the next prefill rebuilds it
+        # One real token through the model initializes the new layers (and writes position 0 correctly).
+        self._forward(torch.tensor([kept[:1]], device=self.device), 0)
+        for source, target in zip(layers, self.cache.layers):
+            target.keys[:, :, : len(kept)].copy_(source.keys[:, :, : len(kept)])
+            target.values[:, :, : len(kept)].copy_(source.values[:, :, : len(kept)])
+        self.cached_ids = kept
         self.write_position = None
 
     def _drop_cache(self) -> None:
@@ -260,7 +274,7 @@ class FastEngine:
         """Allocate a first cache and capture its graph, so the first reply does not wait for them."""
         with self.lock, torch.inference_mode():
             ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
-            logits = self.prefill(ids, reserve=CAPACITY_STEP)
+            logits = self.prefill(ids, reserve=FIRST_CAPACITY)
             self.step(logits.argmax(dim=-1, keepdim=True), len(ids))
             self.cached_ids = []  # what the warm-up wrote is not a conversation
 

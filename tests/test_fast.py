@@ -198,3 +198,16 @@ def test_the_fast_engine_uses_grouped_attention_and_gives_it_back(model_and_toke
     assert model.config._attn_implementation == fast.ATTENTION
     engine.close()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_growing_the_cache_keeps_what_it_held(engine, model_and_tokenizer, monkeypatch):
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
+    first = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
+    forced_logits(engine, first, first)
+    held, small = list(engine.cached_ids), engine.capacity
+    longer = held + first * 6
+    got = forced_logits(engine, longer, first)
+    assert engine.capacity > small
+    assert engine.reused == len(held)  # carried over, not prefilled again
+    assert relative_error(got, reference_logits(model, longer, first)) < 1e-5
