@@ -16,6 +16,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,6 +25,7 @@ import torch
 
 from qwen_magic import loader
 from qwen_magic.engine import generate_reply
+from qwen_magic.fast import FIRST_CAPACITY
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from qwen_magic.tiny import _CORPUS, build_tokenizer
@@ -109,6 +112,24 @@ def classic_generate(model, ids, new_tokens, **sampling):
     )
 
 
+def peak_memory(args):
+    """Load, then one turn with HISTORY tokens of history and TOKENS new ones; print the peaks as JSON."""
+    engine = "generate" if args.peak == "classic" else "auto"
+    loaded = loader.load(args.model_dir, bits=4, dtype=args.dtype, engine=engine, notify=lambda _: None)
+    messages = history_of(loaded.tokenizer, args.history[0]) + [{"role": "user", "content": "它有什么好吃的美食吗?"}]
+    out = {f"loaded_gib_{args.peak}": torch.cuda.memory_allocated() / 2**30}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    if args.peak == "classic":
+        classic_generate(loaded.model, prompt_ids(loaded.tokenizer, messages), args.tokens, **TUTORIAL)
+    else:
+        loaded.engine.end_ids = set()
+        generate_reply(loaded.engine, messages, GenerationSettings(max_new_tokens=args.tokens, temperature=0.7, top_p=0.9))
+        out["capacity_ours"] = loaded.engine.capacity
+    out[f"peak_gib_{args.peak}"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(out))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
@@ -116,7 +137,10 @@ def main():
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--history", type=int, nargs="+", default=[512, 2000, 8000])
     parser.add_argument("--model-dir", help="reuse a model built earlier")
+    parser.add_argument("--peak", choices=("classic", "ours"), help="only measure that side's peak memory (one JSON line)")
     args = parser.parse_args()
+    if args.peak:
+        return peak_memory(args)
     import bitsandbytes
     import transformers
 
@@ -137,7 +161,6 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     classic = loader.load(path, bits=4, dtype=args.dtype, engine="generate", notify=quiet)
     results["load_s_classic"] = classic.seconds
-    results["loaded_gib_classic"] = torch.cuda.memory_allocated() / 2**30
     model, tokenizer = classic.model, classic.tokenizer
     results["bytes_per_token"] = bytes_per_token(model)
     question = prompt_ids(tokenizer, [{"role": "user", "content": QUESTION}])
@@ -154,11 +177,6 @@ def main():
         results[f"ttft_s_classic_{n}"] = statistics.median(times)
         results[f"history_tokens_{n}"] = len(ids)
     longest = max(args.history)
-    ids = prompt_ids(tokenizer, histories[longest] + [new_message])
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    classic_generate(model, ids, args.tokens, **TUTORIAL)
-    results["peak_gib_classic"] = torch.cuda.max_memory_allocated() / 2**30
     loader.free(classic)
     del model, classic
 
@@ -167,7 +185,6 @@ def main():
     ours = loader.load(path, bits=4, dtype=args.dtype, engine="auto", notify=quiet)
     results["engine"] = ours.engine.name + ours.engine_note
     results["load_s_ours"] = ours.seconds
-    results["loaded_gib_ours"] = torch.cuda.memory_allocated() / 2**30
     engine = ours.engine
     engine.end_ids = set()  # forced length, as min_new_tokens forces the classic recipe
     settings = {name: GenerationSettings(max_new_tokens=args.tokens, do_sample=name == "sampled", temperature=0.7, top_p=0.9)
@@ -200,16 +217,12 @@ def main():
                 results[f"cached_tokens_{n}"] = reply.cached_tokens
         results[f"ttft_s_ours_{n}"] = statistics.median(times)
         results[f"ttft_s_ours_uncached_{n}"] = cold
-    engine._drop_cache()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    stream = engine.start(histories[longest] + [new_message], settings["sampled"])
-    for count, _ in enumerate(stream):
-        if count == 0:  # after the prefill and the graph's capture
-            results["first_token_peak_gib_ours"] = torch.cuda.max_memory_allocated() / 2**30
-    results["peak_gib_ours"] = torch.cuda.max_memory_allocated() / 2**30
-    results["capacity_ours"] = engine.capacity
     loader.free(ours)
+    # Peak memory, each in a process of its own, so nothing of the other's run is counted.
+    for side in ("classic", "ours"):
+        command = [sys.executable, __file__, "--peak", side, "--model-dir", path, "--dtype", args.dtype,
+                   "--tokens", str(args.tokens), "--history", str(longest)]
+        results.update(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
 
     report(results, args)
 
@@ -241,7 +254,7 @@ def report(r, args):
         f"copy bandwidth {r['bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; weights read per token {r['bytes_per_token'] / 1e9:.2f} GB; "
         f"decode limit {limit:.0f} tokens/s; qwen_magic greedy reaches {100 * r['decode_tps_ours_greedy'] / limit:.0f} % of it.",
         f"GPU memory after loading: classic {r['loaded_gib_classic']:.2f} GiB, qwen_magic {r['loaded_gib_ours']:.2f} GiB "
-        f"(its cache for {r['capacity_ours']:,} tokens; peak by the first token {r['first_token_peak_gib_ours']:.2f} GiB).",
+        f"(its first cache, {FIRST_CAPACITY:,} tokens, and graph); its cache at the peak holds {r['capacity_ours']:,} tokens.",
         "uncached first turn, qwen_magic: " + ", ".join(f"{r[f'ttft_s_ours_uncached_{n}']:.3f} s at {n}" for n in args.history),
         "cached tokens reused: " + ", ".join(f"{r[f'cached_tokens_{n}']:,} of {r[f'history_tokens_{n}']:,}" for n in args.history),
     ]

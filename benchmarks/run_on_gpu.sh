@@ -19,3 +19,6 @@ esac
 case $what in profile|all)
     python3 benchmarks/profile_turn.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|_warn_once' | cut -c1-160 | head -14 ;;
 esac
+case $what in free|all)
+    python3 benchmarks/free_check.py --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tail -24 ;;
+esac

@@ -36,20 +36,24 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
     transformers' SDPA path copies each key/value head once per query head that
     shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
-    decode step. Grouping the query heads per key/value head reads the cache once.
-    Longer queries (prefill) take the SDPA path as usual.
+    decode step. Folding each group of query heads into the query length reads the
+    cache once. The arithmetic is transformers' eager attention (scores in the
+    model's dtype, softmax in float32). Longer queries (prefill) take SDPA as usual.
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads
-    # Query head h reads key/value head h // group: fold each group's heads into the query length.
-    grouped = query.reshape(batch, kv_heads, group * length, dim)
+    scale = dim ** -0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
     mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
     mask = mask.reshape(batch, attention_mask.shape[1], group * length, attention_mask.shape[-1])
-    output = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
-    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+    output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
