@@ -55,7 +55,7 @@ class ReplyView:
         self.text = ""
         self.notice: Optional[str] = None
         self._handle = None
-        self._last_update = 0.0
+        self._last_update = float("-inf")  # the first piece shows at once
 
     def start(self, notice: Optional[str] = None) -> None:
         self.notice = notice

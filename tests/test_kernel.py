@@ -87,6 +87,7 @@ def test_chat_in_a_real_kernel(kernel, tiny_model_dir, classic):
 
 def test_interrupt_stops_generation_and_keeps_the_partial_reply(kernel, endless_model_dir):
     manager, client = kernel
+    execute(client, "%load_ext qwen_magic")
     execute(client, f"%qwen_load {endless_model_dir}")
     execute(client, "%qwen_history --clear")
     updates = queue.Queue()
@@ -115,3 +116,20 @@ def test_interrupt_stops_generation_and_keeps_the_partial_reply(kernel, endless_
     messages, reply = execute(client, "%%qwen --max-new-tokens 5\nAnd now?")
     assert reply["content"]["status"] == "ok"
     assert "5 tokens" in final_markdown(messages)
+
+
+def test_streamed_and_unstreamed_replies_are_the_same(kernel, endless_model_dir):
+    _, client = kernel
+    for code in ["%load_ext qwen_magic", f"%qwen_load {endless_model_dir}", "%config QwenMagics.do_sample = False"]:
+        execute(client, code)
+    question = "%%qwen --no-history --max-new-tokens 800\n介绍广州这座城市"  # long enough for several updates
+    streamed, _ = execute(client, question)
+    texts = [m["content"]["data"]["text/plain"] for m in displays(streamed)]
+    pieces = [t.removesuffix(" ▌") for t in texts[1:-1]]
+    assert len(pieces) >= 2 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))  # it grew in place
+    execute(client, "%config QwenMagics.stream = False")
+    whole, _ = execute(client, question)
+    execute(client, "%config QwenMagics.stream = True")
+    assert len(displays(whole)) == 1 and displays(whole)[0]["msg_type"] == "display_data"
+    reply = lambda messages: final_markdown(messages).rsplit("\n\n<sub>", 1)[0]  # the stats line differs in timings
+    assert reply(whole) == reply(streamed) and len(reply(whole)) > 500
