@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-_MAGIC_NAMES = {"line": ("qwen_load", "qwen_unload", "qwen", "qwen_history"), "cell": ("qwen",)}
+_MAGIC_NAMES = {"line": ("qwen_load", "qwen_unload", "qwen", "qwen_history", "qwen_explain"), "cell": ("qwen",)}
 
 
 def load_ipython_extension(ipython):
@@ -16,6 +16,7 @@ def load_ipython_extension(ipython):
 
     magics = QwenMagics(shell=ipython)
     ipython.register_magics(magics)
+    magics.recorder.register(ipython)
     if magics not in ipython.configurables:
         ipython.configurables.append(magics)
 
@@ -26,6 +27,7 @@ def unload_ipython_extension(ipython):
     magics = manager.registry.pop("QwenMagics", None)
     if magics is None:
         return
+    magics.recorder.unregister()
     magics._free_model()
     for kind, names in _MAGIC_NAMES.items():
         for name in names:

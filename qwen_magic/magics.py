@@ -16,6 +16,7 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 from .conversation import Conversation, HistoryError, PromptTooLong
 from .display import MarkdownText, ReplyView
 from .history_view import history_table
+from .notebook import NotebookReferenceError, OutputRecorder
 from .settings import CHECKS, GenerationSettings, first_problem
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
@@ -44,6 +45,7 @@ class QwenMagics(Magics):
     max_turns = Int(20, allow_none=True, help="Sliding window: earlier exchanges sent with each question (0 sends none; None, no limit).").tag(config=True)
     max_context_tokens = Int(None, allow_none=True, help="Token budget of prompt plus reply; older exchanges are dropped to fit. None: the model's context length.").tag(config=True)
     engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
+    context_budget = Int(None, allow_none=True, help="Most tokens one piece of notebook context ({Out[7]}, --with ...) may take; longer ones keep head and tail. None: an eighth of max_context_tokens.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
 
@@ -51,6 +53,7 @@ class QwenMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.conversation = Conversation()
         self.loaded = None  # a loader.LoadedModel
+        self.recorder = OutputRecorder()  # registered by load_ipython_extension
 
     @validate("engine")
     def _check_engine(self, proposal):
@@ -128,25 +131,30 @@ class QwenMagics(Magics):
     @argument("--top-k", type=int, metavar="K")
     @argument("--seed", type=int, metavar="N")
     @argument("--greedy", action="store_true", help="pick the likeliest token every step (no sampling)")
+    @argument("--with", dest="attach", action="append", default=[], metavar="CELL_OR_NAME",
+              help="attach cell N (source, printed output, result, error) or a variable before the message; may repeat")
+    @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
     @line_cell_magic
     def qwen(self, line, cell=None):
-        """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE."""
+        """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE.
+
+        The message may refer to the notebook: {In[7]}, {Out[7]}, {Err[7]}, {Stdout[7]} (negative
+        numbers count back; {Err[-1]} is the most recent error) and {name} for a variable.
+        """
         if cell is None:
             args, question = parse_argstring(self.qwen, ""), line
         else:
             args, question = parse_argstring(self.qwen, line), cell
         question = question.strip()
-        if not question:
+        if not question and not args.attach:
             raise UsageError("The message is empty: write it in the cell below %%qwen (or after %qwen).")
         problem = first_problem(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
         )
         if problem:
             raise UsageError(problem)
-        if self.loaded is None:
-            raise UsageError("No model is loaded: run %qwen_load first (e.g. %qwen_load Qwen/Qwen2.5-7B-Instruct).")
-        from .chat import ask
-
+        self._require_model()
+        question = self._with_notebook(question, args.attach)
         settings = self.settings().overridden(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
@@ -155,20 +163,92 @@ class QwenMagics(Magics):
             seed=args.seed,
             do_sample=False if args.greedy else None,
         )
-        if args.new:
-            self.conversation = Conversation()
-        if args.no_history:
-            conversation = Conversation(system=args.system)
-        else:
-            conversation = self.conversation
-            if args.system is not None:
-                conversation.system = args.system
-        options = self.turn_options(record=not args.no_history)
+        reply = self._turn(question, settings, new=args.new, system=args.system, no_history=args.no_history)
+        if args.code:
+            self._code_to_next_cell(reply.text)
+
+    @magic_arguments()
+    @argument("cell_number", nargs="?", type=int, metavar="N", help="the cell (default: the most recent that raised)")
+    @line_magic
+    def qwen_explain(self, line):
+        """Ask the model to explain the error of cell N and how to fix it (source and traceback attached)."""
+        args = parse_argstring(self.qwen_explain, line)
+        self._require_model()
+        notebook = self.notebook()
+        number = args.cell_number if args.cell_number is not None else notebook.latest_error()
+        if number is None:
+            raise UsageError("No cell has raised an error since qwen_magic was loaded: run one, or give its number.")
+        trim = self._trimmer()
         try:
-            reply = ask(conversation, self.loaded, question, settings, options, ReplyView(self.shell, live=self.stream))
+            source, error = notebook.part("In", number), notebook.part("Err", number)
+        except NotebookReferenceError as problem:
+            raise UsageError(str(problem)) from None
+        question = (
+            f"This notebook cell raised an error. Explain what went wrong and how to fix it.\n\n"
+            f"```python\n{trim(source)}\n```\n\nThe error:\n```\n{trim(error)}\n```"
+        )
+        self._turn(question, self.settings())
+
+    def _require_model(self):
+        if self.loaded is None:
+            raise UsageError("No model is loaded: run %qwen_load first (e.g. %qwen_load Qwen/Qwen2.5-7B-Instruct).")
+
+    def notebook(self):
+        from .notebook import Notebook
+
+        return Notebook(self.shell, self.recorder)
+
+    def _trimmer(self):
+        from .notebook import trimmer
+
+        tokenizer = self.loaded.tokenizer
+        budget = self.context_budget or max(self.turn_options().max_context_tokens // 8, 64)
+        return trimmer(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.decode, budget)
+
+    def _with_notebook(self, question, attach):
+        """The message as sent: --with blocks first, then the text with its references filled in."""
+        notebook, trim = self.notebook(), self._trimmer()
+        try:
+            blocks = [
+                notebook.cell_block(int(item), trim) if item.lstrip("-").isdigit() else notebook.variable_block(item, trim)
+                for item in attach
+            ]
+            question, undefined = notebook.interpolate(question, trim)
+        except NotebookReferenceError as problem:
+            raise UsageError(f"{problem}; nothing was sent.") from None
+        if undefined:
+            names = ", ".join("{" + name + "}" for name in undefined)
+            print(f"Note: {names} {'is' if len(undefined) == 1 else 'are'} not defined here, so sent as written.")
+        return "\n\n".join(blocks + ([question] if question else []))
+
+    def _turn(self, question, settings, *, new=False, system=None, no_history=False):
+        """One exchange. The conversation is replaced only once the reply is in: a failure changes nothing."""
+        from .chat import ask
+
+        if no_history:
+            working = Conversation(system=system)
+        else:
+            base = Conversation() if new else self.conversation
+            working = Conversation(system=base.system if system is None else system, messages=list(base.messages))
+        try:
+            reply = ask(working, self.loaded, question, settings, self.turn_options(record=not no_history),
+                        ReplyView(self.shell, live=self.stream))
         except PromptTooLong as error:
             raise UsageError(str(error)) from None
+        if not no_history:
+            self.conversation = working
         self.shell.user_ns["_qwen"] = reply.text
+        return reply
+
+    def _code_to_next_cell(self, text):
+        import re
+
+        block = re.search(r"```[^\n`]*\n(.*?)```", text, re.DOTALL)
+        if block is None:
+            print("The reply has no code block to put in a cell.")
+            return
+        self.shell.set_next_input(block.group(1).rstrip("\n"), replace=False)
+        print("The reply's first code block is in a new cell below (if none appeared, copy it from the reply).")
 
     def settings(self) -> GenerationSettings:
         return GenerationSettings(

@@ -58,6 +58,11 @@ def check_max_context_tokens(value):
         return f"max_context_tokens must be at least 1 (or None for the model's context length), not {value}"
 
 
+def check_context_budget(value):
+    if value is not None and value < 16:
+        return f"context_budget must be at least 16 tokens (or None for an eighth of the context), not {value}"
+
+
 def check_bits(value):
     if value not in (4, 8, 16):
         return f"bits must be 4, 8 or 16, not {value}"
@@ -72,6 +77,7 @@ CHECKS = {
     "max_turns": check_max_turns,
     "max_context_tokens": check_max_context_tokens,
     "bits": check_bits,
+    "context_budget": check_context_budget,
 }
 
 

@@ -133,3 +133,23 @@ def test_streamed_and_unstreamed_replies_are_the_same(kernel, endless_model_dir)
     assert len(displays(whole)) == 1 and displays(whole)[0]["msg_type"] == "display_data"
     reply = lambda messages: final_markdown(messages).rsplit("\n\n<sub>", 1)[0]  # the stats line differs in timings
     assert reply(whole) == reply(streamed) and len(reply(whole)) > 500
+
+
+def test_notebook_context_in_a_real_kernel(kernel, tiny_model_dir):
+    _, client = kernel
+    for code in ["%load_ext qwen_magic", f"%qwen_load {tiny_model_dir}", "%qwen_history --clear"]:
+        execute(client, code)
+    messages, reply = execute(client, "print('marker-5678')\n{'a': 1}['b']")
+    assert reply["content"]["status"] == "error"
+    failing = reply["content"]["execution_count"]
+    execute(client, "%%qwen --max-new-tokens 4\nWhy? {Err[-1]} It printed {Stdout[-1]}")
+    execute(client, "%qwen_explain")
+    messages, _ = execute(client, "%qwen_history --json")
+    history = json.loads(stdout(messages))
+    why, explain = history[0]["content"], history[2]["content"]
+    assert why.startswith("Why? ") and "KeyError: 'b'" in why and why.endswith("It printed marker-5678\n")
+    assert "\x1b[" not in why
+    assert f"{{'a': 1}}['b']" in explain and "KeyError" in explain
+    messages, _ = execute(client, f"%%qwen\n{{Out[{failing}]}}")
+    assert f"cell {failing} has no result; nothing was sent." in stdout(messages) + "".join(
+        m["content"].get("evalue", "") for m in messages if m["msg_type"] == "error")
