@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-_MAGIC_NAMES = {"line": ("qwen_load", "qwen_unload", "qwen", "qwen_history", "qwen_explain"), "cell": ("qwen",)}
+_MAGIC_NAMES = {"line": ("qwen_load", "qwen_unload", "qwen", "qwen_history", "qwen_explain", "qwen_regenerate", "qwen_continue"), "cell": ("qwen",)}
 
 
 def load_ipython_extension(ipython):

@@ -34,10 +34,36 @@ def window_for(conversation: Conversation, loaded, question: str, settings: Gene
     )
 
 
-def ask(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
+def ask(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions,
+        view: ReplyView, cell_id: Optional[str] = None):
     window = window_for(conversation, loaded, question, settings, options)
-    stream = loaded.engine.start(window.messages, settings)
-    view.start(window.notice())
+    reply = _show(loaded.engine.start(window.messages, settings), view, window.notice())
+    if reply.finish_reason == "interrupted" and not reply.token_ids:
+        view.finish("", "interrupted before the first token; the conversation is unchanged")
+        return reply
+    if options.record:
+        conversation.add_exchange(question, reply.text, finish_reason=reply.finish_reason, cell_id=cell_id)
+    view.finish(reply.text, _footer(reply, options))
+    return reply
+
+
+def continue_last(conversation: Conversation, loaded, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
+    """Continue the last reply (cut at max_new_tokens or interrupted) in place, as one assistant message."""
+    asked, answer = conversation.messages[-2], conversation.messages[-1]
+    earlier = Conversation(system=conversation.system, messages=conversation.messages[:-2])
+    partial_tokens = len(loaded.tokenizer(answer["content"], add_special_tokens=False)["input_ids"])
+    room = settings.overridden(max_new_tokens=settings.max_new_tokens + partial_tokens)  # the partial reply is prompt now
+    window = window_for(earlier, loaded, asked["content"], room, options)
+    messages = window.messages + [{"role": "assistant", "content": answer["content"]}]
+    view.text = answer["content"]
+    reply = _show(loaded.engine.start(messages, settings, continue_final=True), view, window.notice())
+    conversation.extend_last_reply(reply.text, reply.finish_reason)
+    view.finish(answer["content"], _footer(reply, options))
+    return reply
+
+
+def _show(stream, view: ReplyView, notice):
+    view.start(notice)
     try:
         with interrupt_calls(stream.request_stop):
             for piece in stream:
@@ -47,17 +73,13 @@ def ask(conversation: Conversation, loaded, question: str, settings: GenerationS
     except BaseException:
         view.fail()
         raise
-    reply = stream.result
-    interrupted = reply.finish_reason == "interrupted"
-    if interrupted and not reply.token_ids:
-        view.finish("", "interrupted before the first token; the conversation is unchanged")
-        return reply
-    if options.record:
-        conversation.add_exchange(question, reply.text, finish_reason=reply.finish_reason)
+    return stream.result
+
+
+def _footer(reply, options: TurnOptions) -> Optional[str]:
     footer = []
-    if interrupted:
+    if reply.finish_reason == "interrupted":
         footer.append("interrupted")
     if options.show_stats:
         footer.append(stats_line(reply, options.max_context_tokens))
-    view.finish(reply.text, " · ".join(footer) or None)
-    return reply
+    return " · ".join(footer) or None

@@ -58,11 +58,52 @@ class Conversation:
     def exchanges(self) -> List[List[dict]]:
         return [self.messages[i:i + 2] for i in range(0, len(self.messages), 2)]
 
-    def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None) -> None:
+    def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None, cell_id: Optional[str] = None) -> None:
+        # Marks kept beside role and content are shown or used here, never sent to the model or saved.
+        asked = {"role": "user", "content": question}
+        if cell_id:
+            asked["cell_id"] = cell_id  # the notebook cell that asked: re-running it replaces this exchange
         answer = {"role": "assistant", "content": reply}
-        if finish_reason == "interrupted":
-            answer["interrupted"] = True  # shown by %qwen_history; never sent or saved
-        self.messages += [{"role": "user", "content": question}, answer]
+        if finish_reason in ("interrupted", "length"):
+            answer["unfinished"] = finish_reason  # %qwen_continue can pick it up
+        self.messages += [asked, answer]
+
+    def extend_last_reply(self, more: str, finish_reason: str) -> None:
+        answer = self.messages[-1]
+        answer["content"] += more
+        answer.pop("unfinished", None)
+        if finish_reason in ("interrupted", "length"):
+            answer["unfinished"] = finish_reason
+
+    def copy(self) -> "Conversation":
+        return Conversation(system=self.system, messages=[dict(m) for m in self.messages])
+
+    def undo(self) -> bool:
+        """Drop the last exchange; False when there is none."""
+        if not self.messages:
+            return False
+        del self.messages[-2:]
+        return True
+
+    def exchange_of_cell(self, cell_id: Optional[str]) -> Optional[int]:
+        """Index of the exchange that notebook cell ``cell_id`` produced, if any."""
+        if cell_id:
+            for index, pair in enumerate(self.exchanges):
+                if pair[0].get("cell_id") == cell_id:
+                    return index
+        return None
+
+    def keep_exchanges(self, count: int) -> None:
+        del self.messages[2 * count:]
+
+    def to_markdown(self, title: str = "Conversation") -> str:
+        parts = [f"# {title}"]
+        if self.system:
+            parts.append(f"**System:** {self.system}")
+        for index, (asked, answer) in enumerate(self.exchanges, 1):
+            note = f" *({answer['unfinished']})*" if answer.get("unfinished") else ""
+            parts += [f"## {index}. You", asked["content"], f"## {index}. Qwen{note}", answer["content"]]
+        return "\n\n".join(parts) + "\n"
 
     def clear(self) -> None:
         self.system = None

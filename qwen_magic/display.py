@@ -58,12 +58,17 @@ class ReplyView:
         self._last_update = float("-inf")  # the first piece shows at once
 
     def start(self, notice: Optional[str] = None) -> None:
+        """Open the output area; any text already in the view (a reply being continued) shows first."""
         self.notice = notice
         if self.rich:
             if self.live:
-                self._handle = display(self._render("…"), display_id=True)
-        elif notice:
+                self._handle = display(self._render(self.text + " ▌" if self.text else "…"), display_id=True)
+            return
+        if notice:
             print(f"({notice})")
+        if self.live and self.text:
+            sys.stdout.write(self.text)
+            sys.stdout.flush()
 
     def append(self, piece: str) -> None:
         self.text += piece

@@ -255,8 +255,8 @@ class GenerateEngine:
         self.tokenizer = tokenizer
         self.end_ids = end_token_ids(model, tokenizer)
 
-    def start(self, messages, settings: GenerationSettings) -> ReplyStream:
-        ids = prompt_ids(self.tokenizer, messages)
+    def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
+        ids = prompt_ids(self.tokenizer, messages, continue_final)
         inputs = torch.tensor([ids], device=model_device(self.model))
         kwargs = generation_kwargs(self.model, self.tokenizer, settings)
 

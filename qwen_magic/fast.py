@@ -282,8 +282,8 @@ class FastEngine:
             self.step(logits.argmax(dim=-1, keepdim=True), len(ids))
             self.cached_ids = []  # what the warm-up wrote is not a conversation
 
-    def start(self, messages, settings: GenerationSettings) -> ReplyStream:
-        ids = prompt_ids(self.tokenizer, messages)
+    def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
+        ids = prompt_ids(self.tokenizer, messages, continue_final)
         info = {}
 
         def produce(emit, stop_event):

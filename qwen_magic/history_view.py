@@ -3,6 +3,9 @@
 from .prompt import count_text_tokens
 
 
+UNFINISHED = {"interrupted": " (interrupted)", "length": " (cut at max_new_tokens)"}
+
+
 def _preview(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
@@ -34,7 +37,7 @@ def history_table(conversation, loaded, settings, options, max_turns):
         rows.append(("", "system", system, True))
     for index, message in enumerate(conversation.messages):
         turn = index // 2 + 1
-        role = message["role"] + (" (interrupted)" if message.get("interrupted") else "")
+        role = message["role"] + UNFINISHED.get(message.get("unfinished"), "")
         rows.append((str(turn), role, message["content"], turn > first_sent))
 
     def tokens(text):

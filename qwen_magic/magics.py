@@ -46,14 +46,25 @@ class QwenMagics(Magics):
     max_context_tokens = Int(None, allow_none=True, help="Token budget of prompt plus reply; older exchanges are dropped to fit. None: the model's context length.").tag(config=True)
     engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
     context_budget = Int(None, allow_none=True, help="Most tokens one piece of notebook context ({Out[7]}, --with ...) may take; longer ones keep head and tail. None: an eighth of max_context_tokens.").tag(config=True)
+    autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
-        self.conversation = Conversation()
+        self.conversations = {"": Conversation()}  # by name; "" is the default one
         self.loaded = None  # a loader.LoadedModel
+        self._autosave_failed = None  # the path whose failure was already reported
         self.recorder = OutputRecorder()  # registered by load_ipython_extension
+
+    @property
+    def conversation(self) -> Conversation:
+        """The default conversation (the one without a name)."""
+        return self.conversations[""]
+
+    @conversation.setter
+    def conversation(self, value: Conversation) -> None:
+        self.conversations[""] = value
 
     @validate("engine")
     def _check_engine(self, proposal):
@@ -134,6 +145,7 @@ class QwenMagics(Magics):
     @argument("--with", dest="attach", action="append", default=[], metavar="CELL_OR_NAME",
               help="attach cell N (source, printed output, result, error) or a variable before the message; may repeat")
     @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
+    @argument("--chat", metavar="NAME", default="", help="talk in conversation NAME (created on first use)")
     @line_cell_magic
     def qwen(self, line, cell=None):
         """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE.
@@ -163,7 +175,8 @@ class QwenMagics(Magics):
             seed=args.seed,
             do_sample=False if args.greedy else None,
         )
-        reply = self._turn(question, settings, new=args.new, system=args.system, no_history=args.no_history)
+        reply = self._turn(question, settings, chat=args.chat, new=args.new, system=args.system,
+                           no_history=args.no_history, cell_id=self._cell_id() if cell is not None else None)
         if args.code:
             self._code_to_next_cell(reply.text)
 
@@ -221,24 +234,103 @@ class QwenMagics(Magics):
             print(f"Note: {names} {'is' if len(undefined) == 1 else 'are'} not defined here, so sent as written.")
         return "\n\n".join(blocks + ([question] if question else []))
 
-    def _turn(self, question, settings, *, new=False, system=None, no_history=False):
-        """One exchange. The conversation is replaced only once the reply is in: a failure changes nothing."""
+    def _cell_id(self):
+        """The id a front end gave the running cell (JupyterLab, Notebook 7, VS Code), if any."""
+        return self.recorder.cell_id if self.recorder.running else None
+
+    def _turn(self, question, settings, *, chat="", new=False, system=None, no_history=False, cell_id=None, drop_last=False):
+        """One exchange. The conversation is replaced only once the reply is in: a failure changes nothing.
+
+        A cell that asked before (same cell id) has its exchange replaced, and the exchanges
+        after it are dropped: they answered a conversation that no longer exists.
+        """
         from .chat import ask
 
         if no_history:
             working = Conversation(system=system)
         else:
-            base = Conversation() if new else self.conversation
-            working = Conversation(system=base.system if system is None else system, messages=list(base.messages))
+            working = Conversation() if new else self.conversations.get(chat, Conversation()).copy()
+            if system is not None:
+                working.system = system
+        if drop_last:
+            working.undo()
+        index = working.exchange_of_cell(cell_id)
+        if index is not None:
+            later = len(working.exchanges) - index - 1
+            working.keep_exchanges(index)
+            dropped = f", and dropped the {later} later exchange{'s' if later != 1 else ''}" if later else ""
+            print(f"Re-ran this cell: replaced its earlier exchange (turn {index + 1}){dropped}.")
         try:
             reply = ask(working, self.loaded, question, settings, self.turn_options(record=not no_history),
-                        ReplyView(self.shell, live=self.stream))
+                        ReplyView(self.shell, live=self.stream), cell_id=cell_id)
         except PromptTooLong as error:
             raise UsageError(str(error)) from None
         if not no_history:
-            self.conversation = working
+            self.conversations[chat] = working
+            self._autosave()
         self.shell.user_ns["_qwen"] = reply.text
         return reply
+
+    @magic_arguments()
+    @argument("--chat", metavar="NAME", default="", help="the conversation (default: the unnamed one)")
+    @line_magic
+    def qwen_regenerate(self, line):
+        """Drop the last reply and ask the same question again (a new sample)."""
+        args = parse_argstring(self.qwen_regenerate, line)
+        self._require_model()
+        conversation = self._existing(args.chat)
+        if not conversation.messages:
+            raise UsageError("Nothing to regenerate: the conversation is empty.")
+        asked = conversation.messages[-2]
+        self._turn(asked["content"], self.settings(), chat=args.chat, drop_last=True, cell_id=asked.get("cell_id"))
+
+    @magic_arguments()
+    @argument("--chat", metavar="NAME", default="", help="the conversation (default: the unnamed one)")
+    @argument("--max-new-tokens", type=int, metavar="N")
+    @line_magic
+    def qwen_continue(self, line):
+        """Continue the last reply where it stopped (at max_new_tokens, or interrupted), in the same message."""
+        from .chat import continue_last
+
+        args = parse_argstring(self.qwen_continue, line)
+        problem = first_problem(max_new_tokens=args.max_new_tokens)
+        if problem:
+            raise UsageError(problem)
+        self._require_model()
+        conversation = self._existing(args.chat)
+        if not conversation.messages:
+            raise UsageError("Nothing to continue: the conversation is empty.")
+        if not conversation.messages[-1].get("unfinished"):
+            print("The last reply had finished; continuing it anyway.")
+        working = conversation.copy()
+        try:
+            reply = continue_last(working, self.loaded, self.settings().overridden(max_new_tokens=args.max_new_tokens),
+                                  self.turn_options(), ReplyView(self.shell, live=self.stream))
+        except PromptTooLong as error:
+            raise UsageError(str(error)) from None
+        self.conversations[args.chat] = working
+        self._autosave()
+        self.shell.user_ns["_qwen"] = working.messages[-1]["content"]
+        return reply
+
+    def _existing(self, chat):
+        if chat not in self.conversations:
+            raise UsageError(f"There is no conversation named {chat!r}: start it with %%qwen --chat {chat}.")
+        return self.conversations[chat]
+
+    def _autosave(self):
+        """Write every conversation to QwenMagics.autosave; a failure is reported once and the chat goes on."""
+        if not self.autosave:
+            return
+        from .persistence import dumps_all, write_atomic
+
+        try:
+            write_atomic(self.autosave, dumps_all(self.conversations))
+            self._autosave_failed = None
+        except OSError as error:
+            if self._autosave_failed != self.autosave:
+                self._autosave_failed = self.autosave
+                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); the chat goes on unsaved.")
 
     def _code_to_next_cell(self, text):
         import re
@@ -275,48 +367,72 @@ class QwenMagics(Magics):
     # --- history
 
     @magic_arguments()
+    @argument("--chat", metavar="NAME", default="", help="the conversation (default: the unnamed one)")
     @argument("--clear", action="store_true", help="empty the conversation")
+    @argument("--undo", action="store_true", help="drop the last exchange")
     @argument("--json", action="store_true", help="print the messages as JSON")
     @argument("--save", metavar="PATH", help="write the conversation to a JSON file")
-    @argument("--load", metavar="PATH", help="replace the conversation with one from a JSON file")
+    @argument("--load", metavar="PATH", help="read a conversation (or an autosave file of all of them)")
+    @argument("--export", metavar="PATH", help="write the conversation as a Markdown transcript")
     @line_magic
     def qwen_history(self, line):
-        """Show the conversation, or clear, print, save or load it."""
+        """Show the conversation, or clear, undo, print, save, load or export it."""
         args = parse_argstring(self.qwen_history, line)
+        acted = args.load or args.save or args.clear or args.undo or args.json or args.export
         if args.load:
-            self.conversation = self._read_history(args.load)
-            print(f"Loaded {len(self.conversation.messages) // 2} exchanges from {args.load}.")
+            self._load_history(args.load, args.chat)
+        conversation = self._existing(args.chat)
+        if args.undo:
+            working = conversation.copy()
+            if not working.undo():
+                raise UsageError("Nothing to undo: the conversation is empty.")
+            self.conversations[args.chat] = conversation = working
+            print(f"Dropped the last exchange; {len(conversation.exchanges)} left.")
+            self._autosave()
         if args.save:
-            self._write_history(args.save)
-            print(f"Saved {len(self.conversation.messages) // 2} exchanges to {args.save}.")
+            self._write(args.save, conversation.dumps())
+            print(f"Saved {len(conversation.exchanges)} exchanges to {args.save}.")
+        if args.export:
+            title = f"Conversation {args.chat}" if args.chat else "Conversation"
+            self._write(args.export, conversation.to_markdown(title))
+            print(f"Exported {len(conversation.exchanges)} exchanges to {args.export}.")
         if args.clear:
-            self.conversation = Conversation()
+            self.conversations[args.chat] = Conversation()
             print("The conversation is empty.")
+            self._autosave()
         if args.json:
-            print(json.dumps(self.conversation.to_json(), ensure_ascii=False, indent=1))
-        if not (args.load or args.save or args.clear or args.json):
-            markdown, plain = history_table(self.conversation, self.loaded, self.settings(), self.turn_options() if self.loaded else None, self.max_turns)
+            print(json.dumps(conversation.to_json(), ensure_ascii=False, indent=1))
+        if not acted:
+            markdown, plain = history_table(conversation, self.loaded, self.settings(), self.turn_options() if self.loaded else None, self.max_turns)
             from IPython.display import display
 
             display(MarkdownText(markdown, plain))
 
-    def _read_history(self, path):
+    def _load_history(self, path, chat):
+        from .persistence import loads
+
         try:
             with open(os.path.expanduser(path), encoding="utf-8") as file:
-                return Conversation.loads(file.read())
+                loaded = loads(file.read())
         except OSError as error:
             raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
         except UnicodeDecodeError:
             raise UsageError(f"{path} is not a UTF-8 text file; the conversation is unchanged.") from None
         except HistoryError as error:
             raise UsageError(f"{path} is not a conversation ({error}); the conversation is unchanged.") from None
+        if isinstance(loaded, dict):
+            self.conversations.update(loaded)
+            self.conversations.setdefault("", Conversation())
+            names = ", ".join(repr(name) if name else "the default" for name in loaded)
+            print(f"Restored {len(loaded)} conversation{'s' if len(loaded) != 1 else ''} from {path}: {names}.")
+        else:
+            self.conversations[chat] = loaded
+            print(f"Loaded {len(loaded.exchanges)} exchanges from {path}.")
 
-    def _write_history(self, path):
-        path = os.path.expanduser(path)
-        temporary = f"{path}.tmp"
+    def _write(self, path, text):
+        from .persistence import write_atomic
+
         try:
-            with open(temporary, "w", encoding="utf-8") as file:
-                file.write(self.conversation.dumps())
-            os.replace(temporary, path)  # never leaves a half-written file behind
+            write_atomic(path, text)
         except OSError as error:
             raise UsageError(f"Cannot write {path}: {error.strerror or error}") from None

@@ -60,6 +60,7 @@ class OutputRecorder:
         self._tees: Tuple = ()
         self._shell = None
         self.running = False  # between a cell's pre_run_cell and post_run_cell
+        self.cell_id = None  # the running cell's id, where the front end sends one (ipykernel 6 and newer)
 
     def register(self, shell) -> None:
         self._shell = shell
@@ -79,6 +80,7 @@ class OutputRecorder:
 
     def pre_run_cell(self, info=None) -> None:
         self.running = True
+        self.cell_id = getattr(info, "cell_id", None)
         self._restore()
         self._sink = []
         self._tees = (_Tee(sys.stdout, self._sink), _Tee(sys.stderr, self._sink))

@@ -12,18 +12,23 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render(tokenizer, messages) -> str:
-    """The prompt text for ``messages``, ending where the assistant's reply begins."""
+def render(tokenizer, messages, continue_final: bool = False) -> str:
+    """The prompt text for ``messages``, ending where the assistant's reply begins.
+
+    ``continue_final``: the last message is an unfinished assistant reply, left open to be continued.
+    """
     if has_chat_template(tokenizer):
+        if continue_final:
+            return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # A base model has no chat template: a plain transcript is the usual fallback.
     turns = [f"{PLAIN_ROLES.get(m['role'], m['role'])}: {m['content']}" for m in messages]
-    return "\n\n".join(turns + ["Assistant:"])
+    return "\n\n".join(turns if continue_final else turns + ["Assistant:"])
 
 
-def prompt_ids(tokenizer, messages) -> list:
+def prompt_ids(tokenizer, messages, continue_final: bool = False) -> list:
     # The rendered template already holds any special tokens the model wants.
-    return tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+    return tokenizer(render(tokenizer, messages, continue_final), add_special_tokens=False)["input_ids"]
 
 
 def count_prompt_tokens(tokenizer, messages) -> int:

@@ -76,8 +76,9 @@ def test_system_prompt_of_the_conversation_wins_over_the_default():
 
 def test_interrupted_mark_is_kept_but_never_sent_or_saved():
     c = Conversation()
-    c.add_exchange("q", "partial", finish_reason="interrupted")
-    assert c.messages[1]["interrupted"] is True
+    c.add_exchange("q", "partial", finish_reason="interrupted", cell_id="cell-1")
+    assert c.messages[1]["unfinished"] == "interrupted" and c.messages[0]["cell_id"] == "cell-1"
+    assert window(c).messages[0] == {"role": "user", "content": "q"}
     assert window(c).messages[1] == {"role": "assistant", "content": "partial"}
     assert c.to_json()[1] == {"role": "assistant", "content": "partial"}
 

@@ -153,3 +153,38 @@ def test_notebook_context_in_a_real_kernel(kernel, tiny_model_dir):
     messages, _ = execute(client, f"%%qwen\n{{Out[{failing}]}}")
     assert f"cell {failing} has no result; nothing was sent." in stdout(messages) + "".join(
         m["content"].get("evalue", "") for m in messages if m["msg_type"] == "error")
+
+
+def execute_in_cell(client, code, cell_id):
+    """An execute request as JupyterLab sends it, with the cell's id in the metadata."""
+    message = client.session.msg("execute_request", {
+        "code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False,
+        "stop_on_error": True}, metadata={"cellId": cell_id})
+    client.shell_channel.send(message)
+    msg_id = message["header"]["msg_id"]
+    messages = []
+    while True:
+        reply = client.get_iopub_msg(timeout=TIMEOUT)
+        if reply["parent_header"].get("msg_id") == msg_id:
+            messages.append(reply)
+            if reply["msg_type"] == "status" and reply["content"]["execution_state"] == "idle":
+                break
+    while client.get_shell_msg(timeout=TIMEOUT)["parent_header"].get("msg_id") != msg_id:
+        pass
+    return messages
+
+
+def test_rerunning_a_cell_in_jupyterlab_replaces_its_exchange(kernel, tiny_model_dir):
+    import ipykernel
+
+    if int(ipykernel.__version__.split(".")[0]) < 6:
+        pytest.skip("ipykernel 5 (Colab) does not pass cell ids to IPython")
+    _, client = kernel
+    for code in ["%load_ext qwen_magic", f"%qwen_load {tiny_model_dir}", "%qwen_history --clear"]:
+        execute(client, code)
+    execute_in_cell(client, "%%qwen --max-new-tokens 3\nfirst", "cell-1")
+    execute_in_cell(client, "%%qwen --max-new-tokens 3\nsecond", "cell-2")
+    messages = execute_in_cell(client, "%%qwen --max-new-tokens 3\nsecond, again", "cell-2")
+    assert "Re-ran this cell: replaced its earlier exchange (turn 2)." in stdout(messages)
+    messages, _ = execute(client, "%qwen_history --json")
+    assert [m["content"] for m in json.loads(stdout(messages))][::2] == ["first", "second, again"]
