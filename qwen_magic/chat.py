@@ -47,6 +47,9 @@ def ask(conversation: Conversation, loaded, question: str, settings: GenerationS
     return reply
 
 
+EMPTY = "the model returned an empty reply (try again, or sample with a higher temperature)"
+
+
 def continue_last(conversation: Conversation, loaded, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
     """Continue the last reply (cut at max_new_tokens or interrupted) in place, as one assistant message."""
     asked, answer = conversation.messages[-2], conversation.messages[-1]
@@ -78,6 +81,8 @@ def _show(stream, view: ReplyView, notice):
 
 def _footer(reply, options: TurnOptions) -> Optional[str]:
     footer = []
+    if not reply.text.strip() and reply.finish_reason != "interrupted":
+        footer.append(EMPTY)
     if reply.finish_reason == "interrupted":
         footer.append("interrupted")
     if options.show_stats:

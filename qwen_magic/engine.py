@@ -21,6 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import OutOfMemory
 from .prompt import prompt_ids
 from .settings import GenerationSettings
 
@@ -172,6 +173,12 @@ class ReplyStream:
             return
         self._thread.join()
         if self.error is not None and not self._interrupted:
+            if isinstance(self.error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                raise OutOfMemory(
+                    "Out of GPU memory while generating: lower --max-new-tokens or QwenMagics.max_context_tokens, "
+                    "or load a smaller model. The conversation is unchanged."
+                ) from None
             raise self.error
         ids = list(self.decoder.ids)
         if self._interrupted:

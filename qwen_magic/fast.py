@@ -290,6 +290,9 @@ class FastEngine:
             with self.lock, torch.inference_mode():
                 try:
                     self._generate(ids, settings, emit, stop_event, info)
+                except torch.cuda.OutOfMemoryError:
+                    self._drop_cache()  # give its memory back; the next turn builds a new one
+                    raise
                 except BaseException:
                     self.cached_ids = []  # the cache may be half written: rebuild next time
                     raise

@@ -11,12 +11,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from .engine import GenerateEngine
+from .errors import QwenError
 from .prompt import has_chat_template
 
+GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architecture names that generate text
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class LoadError(Exception):
+class LoadError(QwenError):
     """A model that cannot be loaded for a reason the user can fix; the message is one line."""
 
 
@@ -95,19 +97,22 @@ def load(
     started = time.perf_counter()
     source = _resolve(name)
     cuda = torch.cuda.is_available()
-    compute = _pick_dtype(dtype, cuda)
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
-
+    if bits in (4, 8) and cuda and importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"--bits {bits} needs bitsandbytes: run %pip install bitsandbytes, or load with --bits 16.")
+    compute = _pick_dtype(dtype, cuda)
     if not cuda and bits != 16:
         notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
         bits = 16
-    if bits in (4, 8) and importlib.util.find_spec("bitsandbytes") is None:
-        raise LoadError(f"--bits {bits} needs bitsandbytes: run %pip install bitsandbytes, or load with --bits 16.")
 
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError) as error:
         raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
+
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(GENERATIVE) for a in architectures):
+        raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).")
 
     kwargs = dict(common)
     if bits == 4:
@@ -134,6 +139,12 @@ def load(
         raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
     except OSError as error:
         raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
+    except torch.cuda.OutOfMemoryError:
+        free(None)  # whatever was placed on the GPU before the failure
+        raise LoadError(
+            f"Out of GPU memory loading {name}: load it in 4 bits (--bits 4), pick a smaller model, "
+            "or free memory (%qwen_unload, or restart the runtime)."
+        ) from None
     model.eval()
 
     if getattr(model, "hf_device_map", None):

@@ -15,6 +15,7 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from .conversation import Conversation, HistoryError, PromptTooLong
 from .display import MarkdownText, ReplyView
+from .errors import QwenError
 from .history_view import history_table
 from .notebook import NotebookReferenceError, OutputRecorder
 from .settings import CHECKS, GenerationSettings, first_problem
@@ -95,7 +96,7 @@ class QwenMagics(Magics):
         args = parse_argstring(self.qwen_load, line)
         from . import loader
 
-        self._free_model()
+        self._free_model()  # the old model goes first: two rarely fit on one GPU
         try:
             self.loaded = loader.load(
                 args.model_name or self.model,
@@ -108,6 +109,10 @@ class QwenMagics(Magics):
             )
         except loader.LoadError as error:
             raise UsageError(str(error)) from None
+        except KeyboardInterrupt:
+            loader.free(None)
+            print("Loading interrupted: no model is loaded.")
+            return
         print(self.loaded.summary())
         if not self.loaded.chat_template:
             print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
@@ -263,7 +268,7 @@ class QwenMagics(Magics):
         try:
             reply = ask(working, self.loaded, question, settings, self.turn_options(record=not no_history),
                         ReplyView(self.shell, live=self.stream), cell_id=cell_id)
-        except PromptTooLong as error:
+        except (PromptTooLong, QwenError) as error:
             raise UsageError(str(error)) from None
         if not no_history:
             self.conversations[chat] = working
@@ -306,7 +311,7 @@ class QwenMagics(Magics):
         try:
             reply = continue_last(working, self.loaded, self.settings().overridden(max_new_tokens=args.max_new_tokens),
                                   self.turn_options(), ReplyView(self.shell, live=self.stream))
-        except PromptTooLong as error:
+        except (PromptTooLong, QwenError) as error:
             raise UsageError(str(error)) from None
         self.conversations[args.chat] = working
         self._autosave()

@@ -153,3 +153,42 @@ def test_magics_on_the_gpu(gpu_model_dir):
         assert allocated - torch.cuda.memory_allocated() >= weights  # its weights, cache and graph pool are gone
     finally:
         ip.extension_manager.unload_extension("qwen_magic")
+
+
+def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
+    """Fill the card, then load and ask: one clear line each, nothing half done, and it works again after."""
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.extension_manager.load_extension("qwen_magic")
+    magics = ip.magics_manager.registry["QwenMagics"]
+
+    def fill():
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        return torch.empty(free - 2**20, dtype=torch.uint8, device="cuda")
+
+    try:
+        with capture_output():
+            ip.run_line_magic("qwen_load", gpu_model_dir)
+            ip.run_cell_magic("qwen", "--max-new-tokens 8", "hello")
+        before = magics.conversation.to_json()
+        magics.loaded.engine._drop_cache()  # the next turn must allocate a cache
+        filler = fill()
+        with pytest.raises(UsageError, match="^Out of GPU memory while generating"):
+            with capture_output():
+                ip.run_cell_magic("qwen", "--max-new-tokens 8", "again")
+        assert magics.conversation.to_json() == before
+        with pytest.raises(UsageError, match="^Out of GPU memory loading"):
+            with capture_output():
+                ip.run_line_magic("qwen_load", gpu_model_dir)
+        assert magics.loaded is None
+        del filler
+        torch.cuda.empty_cache()
+        with capture_output():
+            ip.run_line_magic("qwen_load", gpu_model_dir)
+            ip.run_cell_magic("qwen", "--max-new-tokens 8", "and now?")
+        assert len(magics.conversation.messages) == 4
+    finally:
+        ip.extension_manager.unload_extension("qwen_magic")

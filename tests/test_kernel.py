@@ -2,6 +2,7 @@
 
 import json
 import queue
+from importlib.metadata import version
 
 import pytest
 
@@ -174,11 +175,8 @@ def execute_in_cell(client, code, cell_id):
     return messages
 
 
+@pytest.mark.skipif(int(version("ipykernel").split(".")[0]) < 6, reason="ipykernel 5 (Colab) passes no cell ids to IPython")
 def test_rerunning_a_cell_in_jupyterlab_replaces_its_exchange(kernel, tiny_model_dir):
-    import ipykernel
-
-    if int(ipykernel.__version__.split(".")[0]) < 6:
-        pytest.skip("ipykernel 5 (Colab) does not pass cell ids to IPython")
     _, client = kernel
     for code in ["%load_ext qwen_magic", f"%qwen_load {tiny_model_dir}", "%qwen_history --clear"]:
         execute(client, code)
