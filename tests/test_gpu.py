@@ -165,9 +165,16 @@ def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
     magics = ip.magics_manager.registry["QwenMagics"]
 
     def fill():
+        """Take every free byte the allocator will give, in ever smaller blocks."""
         torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info()
-        return torch.empty(free - 2**20, dtype=torch.uint8, device="cuda")
+        blocks = []
+        for size in (2**30, 2**24, 2**20, 2**16):
+            while True:
+                try:
+                    blocks.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+                except torch.cuda.OutOfMemoryError:
+                    break
+        return blocks
 
     try:
         with capture_output():
