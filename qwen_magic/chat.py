@@ -38,7 +38,7 @@ def ask(conversation: Conversation, loaded, question: str, settings: GenerationS
         view: ReplyView, cell_id: Optional[str] = None):
     window = window_for(conversation, loaded, question, settings, options)
     reply = _show(loaded.engine.start(window.messages, settings), view, window.notice())
-    if reply.finish_reason == "interrupted" and not reply.token_ids:
+    if reply.finish_reason == "interrupted" and not reply.new_tokens and not reply.text:
         view.finish("", "interrupted before the first token; the conversation is unchanged")
         return reply
     if options.record:

@@ -35,10 +35,11 @@ class Reply:
     first_token_seconds: Optional[float]
     seconds: float
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the last turn
+    completion_tokens: Optional[int] = None  # a server's own count, where the ids are not at hand
 
     @property
     def new_tokens(self) -> int:
-        return len(self.token_ids)
+        return self.completion_tokens if self.completion_tokens is not None else len(self.token_ids)
 
     @property
     def tokens_per_second(self) -> Optional[float]:
@@ -89,6 +90,23 @@ class IncrementalDecoder:
         return self._decode(self.ids)
 
 
+class TextPieces:
+    """The IncrementalDecoder's surface for producers that emit text (a server) rather than token ids."""
+
+    def __init__(self):
+        self.ids: List[str] = []  # the pieces as they came
+
+    def push(self, piece: str) -> str:
+        self.ids.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        return ""
+
+    def text(self) -> str:
+        return "".join(self.ids)
+
+
 def end_token_ids(model, tokenizer) -> set:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
@@ -106,7 +124,7 @@ class ReplyStream:
     """Runs a producer in a worker thread; iterating yields whole-character text pieces."""
 
     def __init__(self, tokenizer, prompt_tokens: int, produce: Producer, *, max_new_tokens: int, end_ids: set, info=None):
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else TextPieces()
         self.prompt_tokens = prompt_tokens
         self.info = {} if info is None else info  # filled by the producer, e.g. "cached_tokens"
         self.stop_event = threading.Event()
@@ -183,20 +201,24 @@ class ReplyStream:
         ids = list(self.decoder.ids)
         if self._interrupted:
             reason = "interrupted"
+        elif self.info.get("finish_reason") in ("stop", "length"):
+            reason = self.info["finish_reason"]
         elif ids and ids[-1] in self._end_ids:
             reason = "stop"
         elif len(ids) >= self._max_new_tokens:
             reason = "length"
         else:
             reason = "stop"
+        texts = isinstance(self.decoder, TextPieces)
         self.result = Reply(
             text=self.decoder.text(),
-            token_ids=ids,
-            prompt_tokens=self.prompt_tokens,
+            token_ids=[] if texts else ids,
+            prompt_tokens=self.info.get("prompt_tokens", self.prompt_tokens),
             finish_reason=reason,
             first_token_seconds=None if self._first_token_at is None else self._first_token_at - self._started,
             seconds=time.perf_counter() - self._started,
             cached_tokens=self.info.get("cached_tokens", 0),
+            completion_tokens=self.info.get("completion_tokens", len(ids)) if texts else None,
         )
 
 

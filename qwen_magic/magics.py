@@ -47,6 +47,7 @@ class QwenMagics(Magics):
     max_context_tokens = Int(None, allow_none=True, help="Token budget of prompt plus reply; older exchanges are dropped to fit. None: the model's context length.").tag(config=True)
     engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
     context_budget = Int(None, allow_none=True, help="Most tokens one piece of notebook context ({Out[7]}, --with ...) may take; longer ones keep head and tail. None: an eighth of max_context_tokens.").tag(config=True)
+    server = Unicode(None, allow_none=True, help="URL of an OpenAI-compatible server (e.g. http://gpu-box:8000/v1) that %qwen_load connects to instead of loading a model into the kernel.").tag(config=True)
     autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
@@ -90,10 +91,18 @@ class QwenMagics(Magics):
     @argument("--revision", help="branch, tag or commit of a Hub model")
     @argument("--trust-remote-code", action="store_true", help="run code shipped in the model repository")
     @argument("--engine", choices=ENGINES, help="generation engine (default: QwenMagics.engine)")
+    @argument("--server", metavar="URL", help="use a model behind an OpenAI-compatible server (vLLM, SGLang, TGI, Ollama)")
+    @argument("--api-key-env", metavar="NAME", default="OPENAI_API_KEY", help="environment variable holding the server's API key")
     @line_magic
     def qwen_load(self, line):
-        """Load a model onto the GPU (4-bit NF4 by default), replacing any model already loaded."""
+        """Load a model onto the GPU (4-bit NF4 by default), replacing any model already loaded.
+
+        With --server URL, talk to a model behind an OpenAI-compatible server instead;
+        without a MODEL it lists the server's models.
+        """
         args = parse_argstring(self.qwen_load, line)
+        if args.server or self.server:
+            return self._connect(args.server or self.server, args.model_name, args.api_key_env)
         from . import loader
 
         self._free_model()  # the old model goes first: two rarely fit on one GPU
@@ -116,6 +125,20 @@ class QwenMagics(Magics):
         print(self.loaded.summary())
         if not self.loaded.chat_template:
             print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
+
+    def _connect(self, url, model, api_key_env):
+        from . import remote
+
+        try:
+            if not model:
+                names = remote.list_models(url, api_key_env)
+                print(f"Models at {url}: {', '.join(names) or '(none)'}. Load one with %qwen_load --server {url} MODEL.")
+                return
+            self._free_model()
+            self.loaded = remote.connect(url, model, api_key_env)
+        except QwenError as error:
+            raise UsageError(str(error)) from None
+        print(self.loaded.summary())
 
     @line_magic
     def qwen_unload(self, line):
