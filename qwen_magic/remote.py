@@ -6,7 +6,6 @@ in-kernel model; only the engine differs. Uses the official ``openai`` client
 variable and never shown or saved.
 """
 
-import math
 import os
 import time
 from dataclasses import dataclass

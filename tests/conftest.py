@@ -1,5 +1,8 @@
 """Shared fixtures: tiny local models, an in-process IPython shell, and the classic recipe as an oracle."""
 
+import os
+import signal
+
 import pytest
 from traitlets.config import Config
 
@@ -71,3 +74,25 @@ class ClassicRecipe:
 @pytest.fixture(scope="session")
 def classic(tiny_model_dir):
     return ClassicRecipe(tiny_model_dir)
+
+
+@pytest.fixture
+def interrupt_after(monkeypatch):
+    """Arm with N: once the reply view has shown N pieces, this process gets SIGINT, as from the
+    kernel's stop button. Returns the list of pieces shown; ``monkeypatch.undo()`` disarms."""
+
+    def arm(count):
+        from qwen_magic.display import ReplyView
+
+        original, pieces = ReplyView.append, []
+
+        def append_then_interrupt(view, piece):
+            original(view, piece)
+            pieces.append(piece)
+            if len(pieces) == count:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        monkeypatch.setattr(ReplyView, "append", append_then_interrupt)
+        return pieces
+
+    return arm

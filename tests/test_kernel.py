@@ -150,7 +150,7 @@ def test_notebook_context_in_a_real_kernel(kernel, tiny_model_dir):
     why, explain = history[0]["content"], history[2]["content"]
     assert why.startswith("Why? ") and "KeyError: 'b'" in why and why.endswith("It printed marker-5678\n")
     assert "\x1b[" not in why
-    assert f"{{'a': 1}}['b']" in explain and "KeyError" in explain
+    assert "{'a': 1}['b']" in explain and "KeyError" in explain
     messages, _ = execute(client, f"%%qwen\n{{Out[{failing}]}}")
     assert f"cell {failing} has no result; nothing was sent." in stdout(messages) + "".join(
         m["content"].get("evalue", "") for m in messages if m["msg_type"] == "error")

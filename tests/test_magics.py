@@ -353,24 +353,13 @@ def test_continuing_from_a_loaded_history(ip, chat, classic, tmp_path):
     assert ip.user_ns["_qwen"] == classic.reply(history + [{"role": "user", "content": "它有什么好吃的美食吗?"}], 12)
 
 
-def test_interrupt_keeps_the_partial_reply_marked(ip, qwen, endless_model_dir, monkeypatch):
+def test_interrupt_keeps_the_partial_reply_marked(ip, qwen, endless_model_dir, interrupt_after, monkeypatch):
     """SIGINT is what the kernel's stop button sends; here the process sends it to itself mid-reply."""
-    import os
     import signal
-
-    from qwen_magic.display import ReplyView
 
     ip.run_line_magic("qwen_load", endless_model_dir)
     ip.run_line_magic("config", "QwenMagics.do_sample = False")
-    original, pieces = ReplyView.append, []
-
-    def append_then_interrupt(view, piece):
-        original(view, piece)
-        pieces.append(piece)
-        if len(pieces) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(ReplyView, "append", append_then_interrupt)
+    pieces = interrupt_after(5)
     handler_before = signal.getsignal(signal.SIGINT)
     captured = ask(ip, "Write forever.", "--max-new-tokens 4000")
     assert signal.getsignal(signal.SIGINT) is handler_before

@@ -1,8 +1,6 @@
 """The same magics against a real OpenAI-compatible server: `transformers serve` on 127.0.0.1 with the tiny models."""
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -85,19 +83,9 @@ def test_greedy_replies_through_the_server_equal_the_in_kernel_ones(ip, qwen, se
     assert f"context {classic.count(history[:-1])} / 4,096" in footer and "8 tokens" in footer  # the server's usage
 
 
-def test_streaming_arrives_in_pieces_and_the_interrupt_closes_the_stream(ip, qwen, server, endless_model_dir, monkeypatch):
-    from qwen_magic.display import ReplyView
-
+def test_streaming_arrives_in_pieces_and_the_interrupt_closes_the_stream(ip, qwen, server, endless_model_dir, interrupt_after, monkeypatch):
     ip.run_line_magic("qwen_load", f"--server {server} {endless_model_dir}")
-    original, pieces = ReplyView.append, []
-
-    def append_then_interrupt(view, piece):
-        original(view, piece)
-        pieces.append(piece)
-        if len(pieces) == 20:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(ReplyView, "append", append_then_interrupt)
+    pieces = interrupt_after(20)
     shown = ask(ip, "Write forever.", "--greedy --max-new-tokens 3000")
     answer = qwen.conversation.messages[-1]
     assert answer["unfinished"] == "interrupted" and len(pieces) >= 20
