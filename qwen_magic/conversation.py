@@ -25,6 +25,14 @@ class PromptTooLong(ValueError):
         )
 
 
+def parse_json(text: str):
+    """JSON only: a history file never runs anything."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise HistoryError(f"not valid JSON ({error})") from None
+
+
 def _plain(message: dict) -> dict:
     return {"role": message["role"], "content": message["content"]}
 
@@ -191,8 +199,4 @@ class Conversation:
 
     @classmethod
     def loads(cls, text: str) -> "Conversation":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise HistoryError(f"not valid JSON ({error})") from None
-        return cls.from_json(data)
+        return cls.from_json(parse_json(text))

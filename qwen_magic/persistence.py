@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Dict
 
-from .conversation import Conversation, HistoryError
+from .conversation import Conversation, HistoryError, parse_json
 
 FORMAT = "qwen_magic.conversations"
 
@@ -39,10 +39,7 @@ def dumps_all(conversations: Dict[str, Conversation]) -> str:
 
 def loads(text: str):
     """A saved conversation (a list) or an autosave file (all conversations by name); validated whole."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise HistoryError(f"not valid JSON ({error})") from None
+    data = parse_json(text)
     if isinstance(data, dict) and data.get("format") == FORMAT:
         chats = data.get("conversations")
         if not isinstance(chats, dict):

@@ -7,14 +7,9 @@ import IPython
 import pytest
 from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
+from helpers import ask, replies_match_the_recipe
 
 CELL_IDS = int(IPython.__version__.split(".")[0]) >= 8  # IPython 7.34 (Colab) sends no cell ids
-
-
-def ask(ip, text, line=""):
-    with capture_output() as captured:
-        ip.run_cell_magic("qwen", line, text)
-    return captured
 
 
 def questions(conversation):
@@ -106,12 +101,9 @@ def test_without_a_cell_id_a_rerun_appends(ip, chat):
 
 def test_named_conversations(ip, chat, classic):
     ask(ip, "default one")
-    ask(ip, "介绍广州这座城市", "--chat travel")
-    ask(ip, "它有什么好吃的美食吗?", "--chat travel")
+    history, _ = replies_match_the_recipe(ip, classic, ["介绍广州这座城市", "它有什么好吃的美食吗?"], "--chat travel", 12)
     assert questions(chat.conversation) == ["default one"]
-    travel = chat.conversations["travel"]
-    assert questions(travel) == ["介绍广州这座城市", "它有什么好吃的美食吗?"]
-    assert travel.messages[-1]["content"] == classic.reply(travel.to_json()[:-1], 12)
+    assert chat.conversations["travel"].to_json() == history
     with capture_output() as shown:
         ip.run_line_magic("qwen_history", "--chat travel")
     assert "介绍广州这座城市" in shown.outputs[0].data["text/markdown"]

@@ -3,23 +3,9 @@
 import importlib.util
 import json
 
-import pytest
 import torch
-from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-
-
-def usage_error(call, *args):
-    with pytest.raises(UsageError) as error:
-        call(*args)
-    assert type(error.value) is UsageError and "\n" not in str(error.value)
-    return str(error.value)
-
-
-def ask(ip, text, line=""):
-    with capture_output() as captured:
-        ip.run_cell_magic("qwen", line, text)
-    return captured
+from helpers import ask, usage_error
 
 
 def test_an_encoder_only_checkpoint_is_not_a_chat_model(ip, qwen, tmp_path):

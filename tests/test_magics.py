@@ -5,27 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
-
-
-def ask(ip, cell, line=""):
-    with capture_output() as captured:
-        ip.run_cell_magic("qwen", line, cell)
-    return captured
-
-
-def stored_replies(magics):
-    return [m["content"] for m in magics.conversation.messages if m["role"] == "assistant"]
-
-
-def usage_error(call, *args):
-    with pytest.raises(UsageError) as error:
-        call(*args)
-    assert type(error.value) is UsageError  # the exact class: IPython prints it as one line
-    message = str(error.value)
-    assert "\n" not in message
-    return message
+from helpers import ask, replies_match_the_recipe, usage_error
 
 
 # --- the extension itself
@@ -120,15 +101,7 @@ def test_unreachable_hub_id(ip, qwen, monkeypatch):
 
 def test_replies_equal_the_classic_recipe_over_several_turns(ip, chat, classic):
     questions = ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello! How are you today?"]
-    history = []
-    for question in questions:
-        captured = ask(ip, question)
-        history.append({"role": "user", "content": question})
-        expected = classic.reply(history, 12)
-        history.append({"role": "assistant", "content": expected})
-        assert ip.user_ns["_qwen"] == expected
-        final = captured.outputs[-1].data["text/markdown"]
-        assert final.startswith(expected)
+    history, _ = replies_match_the_recipe(ip, classic, questions, "", 12)
     assert chat.conversation.to_json() == history
 
 
@@ -382,12 +355,7 @@ def test_fast_engine_through_the_magics(ip, qwen, tiny_model_dir, classic):
         ip.run_line_magic("qwen_load", f"{tiny_model_dir} --engine fast")
     assert captured.stdout.strip().endswith("engine: static KV cache")
     ip.run_line_magic("config", "QwenMagics.do_sample = False")
-    history = []
-    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?"]:
-        shown = ask(ip, question, "--max-new-tokens 10")
-        history.append({"role": "user", "content": question})
-        history.append({"role": "assistant", "content": classic.reply(history, 10)})
-        assert ip.user_ns["_qwen"] == history[-1]["content"]
+    history, shown = replies_match_the_recipe(ip, classic, ["介绍广州这座城市", "它有什么好吃的美食吗?"], "--max-new-tokens 10", 10)
     assert " cached)" in shown.outputs[-1].data["text/markdown"]
     assert qwen.conversation.to_json() == history
 

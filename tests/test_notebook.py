@@ -5,18 +5,13 @@ from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
 
 from qwen_magic.notebook import KEEP_CELLS, KEEP_CHARS
+from helpers import ask
 
 
 def cell(ip, code):
     """Run ``code`` as a notebook cell (it gets an execution count); return that count."""
     result = ip.run_cell(code, store_history=True)
     return result.execution_count
-
-
-def ask(ip, text, line=""):
-    with capture_output() as captured:
-        ip.run_cell_magic("qwen", line, text)
-    return captured
 
 
 def sent(magics):

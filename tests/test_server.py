@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from IPython.core.error import UsageError
 from IPython.utils.capture import capture_output
+from helpers import ask, replies_match_the_recipe, usage_error
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -48,19 +48,6 @@ def server():
     process.wait(timeout=30)
 
 
-def ask(ip, text, line=""):
-    with capture_output() as captured:
-        ip.run_cell_magic("qwen", line, text)
-    return captured
-
-
-def usage_error(call, *args):
-    with pytest.raises(UsageError) as error:
-        call(*args)
-    assert type(error.value) is UsageError and "\n" not in str(error.value)
-    return str(error.value)
-
-
 def test_listing_models(ip, qwen, server):
     with capture_output() as shown:
         ip.run_line_magic("qwen_load", f"--server {server}")
@@ -72,12 +59,7 @@ def test_greedy_replies_through_the_server_equal_the_in_kernel_ones(ip, qwen, se
         ip.run_line_magic("qwen_load", f"--server {server} {tiny_model_dir}")
     summary = shown.stdout.strip().splitlines()[-1]
     assert summary.startswith(f"Connected to {server} · model {tiny_model_dir}") and "token-exact window" in summary
-    history = []
-    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?"]:
-        shown = ask(ip, question, "--greedy --max-new-tokens 8")
-        history.append({"role": "user", "content": question})
-        history.append({"role": "assistant", "content": classic.reply(history, 8)})
-        assert ip.user_ns["_qwen"] == history[-1]["content"]
+    history, shown = replies_match_the_recipe(ip, classic, ["介绍广州这座城市", "它有什么好吃的美食吗?"], "--greedy --max-new-tokens 8", 8)
     assert qwen.conversation.to_json() == history
     footer = shown.outputs[-1].data["text/markdown"]
     assert f"context {classic.count(history[:-1])} / 4,096" in footer and "8 tokens" in footer  # the server's usage
