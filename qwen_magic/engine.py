@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import OutOfMemory
-from .prompt import prompt_ids
+from .prompt import prepare
 from .settings import GenerationSettings
 
 
@@ -123,9 +123,11 @@ Producer = Callable[[Callable[[List[int]], None], threading.Event], None]
 class ReplyStream:
     """Runs a producer in a worker thread; iterating yields whole-character text pieces."""
 
-    def __init__(self, tokenizer, prompt_tokens: int, produce: Producer, *, max_new_tokens: int, end_ids: set, info=None):
+    def __init__(self, tokenizer, prompt_tokens: int, produce: Producer, *, max_new_tokens: int, end_ids: set, info=None,
+                 opens_thinking: Optional[bool] = False):
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else TextPieces()
         self.prompt_tokens = prompt_tokens
+        self.opens_thinking = opens_thinking  # the prompt opened a think block (None: not known)
         self.info = {} if info is None else info  # filled by the producer, e.g. "cached_tokens"
         self.stop_event = threading.Event()
         self.error: Optional[BaseException] = None
@@ -285,7 +287,7 @@ class GenerateEngine:
         self.end_ids = end_token_ids(model, tokenizer)
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
-        ids = prompt_ids(self.tokenizer, messages, continue_final)
+        ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
         inputs = torch.tensor([ids], device=model_device(self.model))
         kwargs = generation_kwargs(self.model, self.tokenizer, settings)
 
@@ -301,7 +303,8 @@ class GenerateEngine:
                     **kwargs,
                 )
 
-        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids)
+        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids,
+                           opens_thinking=opened)
 
     def close(self):
         self.model = None

@@ -6,6 +6,9 @@ prefills only the rest. Decoding feeds one token at a time through a CUDA graph
 captured once per cache size, samples on the GPU, and lets the host read each
 token one step late, so the GPU never waits for Python.
 
+Hybrid models (Qwen3.5, Qwen3-Next: linear-attention layers with a recurrent state)
+reuse a prefix only where that state is known for exactly that prefix (hybrid.py).
+
 On a CPU (tests) the same loop runs without the graph.
 """
 
@@ -20,7 +23,8 @@ from transformers import StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .engine import ReplyStream, end_token_ids, model_device
-from .prompt import prompt_ids
+from .hybrid import HybridStates, is_hybrid
+from .prompt import encode, prepare, render
 from .settings import GenerationSettings
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
@@ -149,6 +153,8 @@ class FastEngine:
         self.cached_ids: List[int] = []  # tokens whose keys and values the cache holds, from position 0
         self.graph = None
         self.cache_keyword = cache_keyword(model)
+        self.hybrid = is_hybrid(model.config)
+        self.states: Optional[HybridStates] = None  # the recurrent layers of a hybrid model's cache
         # Only models on SDPA get the grouped attention (and get SDPA back on close).
         self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
         if self.grouped:
@@ -163,30 +169,39 @@ class FastEngine:
             return
         capacity = _round_up(max(needed, int(needed * GROWTH) if self.capacity else needed), CAPACITY_STEP)
         capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
-        old, kept = self.cache, list(self.cached_ids)
+        old, old_states, kept = self.cache, self.states, list(self.cached_ids)
         self._drop_cache()
         self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
         self.capacity = capacity
         self.write_position = None
+        if self.hybrid:
+            self.states = HybridStates(self.cache)
+            if not self.states.layers:
+                raise RuntimeError("this transformers version keeps no recurrent state in a static cache (hybrid models need transformers 5)")
         if old is not None and kept:
-            self._copy_from(old, kept)
+            self._copy_from(old, old_states, kept)
 
-    def _copy_from(self, old, kept: List[int]) -> None:
+    def _copy_from(self, old, old_states: Optional[HybridStates], kept: List[int]) -> None:
         """Carry the cached tokens over to a larger cache, so growing costs a copy, not a new prefill."""
-        layers = getattr(old, "layers", None)
+        layers = [layer for layer in getattr(old, "layers", ()) if old_states is None or layer not in old_states.layers]
         if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
             return  # a cache of another make: the next prefill rebuilds it
         # One real token through the model initializes the new layers (and writes position 0 correctly).
+        if self.states is not None:
+            self.states.reset()
         self._forward(torch.tensor([kept[:1]], device=self.device), 0)
-        for source, target in zip(layers, self.cache.layers):
+        targets = [layer for layer in self.cache.layers if self.states is None or layer not in self.states.layers]
+        for source, target in zip(layers, targets):
             target.keys[:, :, : len(kept)].copy_(source.keys[:, :, : len(kept)])
             target.values[:, :, : len(kept)].copy_(source.values[:, :, : len(kept)])
+        if self.states is not None:
+            self.states.copy_from(old_states)
         self.cached_ids = kept
         self.write_position = None
 
     def _drop_cache(self) -> None:
         # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
-        self.cache = self.graph = None
+        self.cache = self.graph = self.states = None
         self.static_token = self.static_position = self.static_logits = None
         self.capacity, self.cached_ids = 0, []
         if self.device.type == "cuda":
@@ -211,23 +226,62 @@ class FastEngine:
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         self._write_at(start)
         self.write_position = start + ids.shape[1]
-        out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **{self.cache_keyword: self.cache})
+        out = self.model(
+            input_ids=ids, cache_position=positions, position_ids=positions[None], use_cache=True, logits_to_keep=1,
+            **{self.cache_keyword: self.cache},
+        )
         return out.logits[:, -1, :]
 
-    def prefill(self, ids: List[int], reserve: int = 0, stop_event=None) -> torch.Tensor:
-        """Logits after ``ids``, computing keys and values only past the prefix already cached."""
+    def prefill(self, ids: List[int], reserve: int = 0, stop_event=None, marks=()) -> torch.Tensor:
+        """Logits after ``ids``, computing keys and values only past the prefix already cached.
+
+        ``marks``: prefix lengths where a hybrid model's states are worth a snapshot (the end of
+        the history before the generation prompt, which the next turn's prompt starts with).
+        """
         self._reserve(len(ids) + reserve)
-        keep = min(common_prefix(self.cached_ids, ids), len(ids) - 1)
+        common = common_prefix(self.cached_ids, ids)
+        keep = min(common, len(ids) - 1)
+        if self.states is not None:
+            keep, logits = self._recurrent_prefix(ids, common, keep)
+            if logits is not None:
+                return logits
         self.cached_ids = self.cached_ids[:keep]
         logits = None
-        for start in range(keep, len(ids), PREFILL_CHUNK):
+        marks = sorted(m for m in marks if keep < m < len(ids)) if self.states is not None else []
+        start = keep
+        while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
-            piece = ids[start:start + PREFILL_CHUNK]
-            logits = self._forward(torch.tensor([piece], device=self.device), start)
-            self.cached_ids = ids[:start + len(piece)]
+            end = min([start + PREFILL_CHUNK, len(ids)] + [m for m in marks if m > start])
+            logits = self._forward(torch.tensor([ids[start:end]], device=self.device), start)
+            self.cached_ids = ids[:end]
+            if end in marks:
+                self.states.record(self.cached_ids)
+            start = end
         self.reused = keep
+        if self.states is not None and len(self.cached_ids) == len(ids):
+            self.states.record(ids, logits)  # regenerate and a re-run cell come back to this prompt
         return logits
+
+    def _recurrent_prefix(self, ids: List[int], common: int, keep: int):
+        """For a hybrid model: the longest reusable prefix whose recurrent state is known, made live.
+
+        Returns (prefix length, None), or (len(ids), logits) when a snapshot covers the whole prompt.
+        """
+        live = len(self.cached_ids)
+        if common == live and 0 < live <= keep:
+            return live, None  # the states hold exactly this prefix already
+        snapshot = self.states.best(ids, common)
+        if snapshot is None:
+            self.states.reset()
+            return 0, None
+        self.states.put_back(snapshot)
+        self.cached_ids = list(ids[:snapshot.length])
+        if snapshot.length == len(ids):
+            self.reused = len(ids)
+            self.write_position = None
+            return len(ids), snapshot.logits.clone()
+        return snapshot.length, None
 
     # --- one decode step
 
@@ -235,6 +289,7 @@ class FastEngine:
         self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         # Warm-up runs really write keys and values: aim them at the last slot, which no turn has reached yet.
         self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
+        saved = self.states.take(()) if self.states is not None else None  # warm-up steps fold into the recurrent state
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -248,9 +303,14 @@ class FastEngine:
             self.static_logits = self._step_eager(self.static_token, self.static_position)
         self.graph = graph
         self.write_position = None  # the counter, if any, is where the warm-up left it
+        if saved is not None:
+            self.states.put_back(saved)
 
     def _step_eager(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=token, cache_position=position, use_cache=True, **{self.cache_keyword: self.cache})
+        out = self.model(
+            input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True,
+            **{self.cache_keyword: self.cache},
+        )
         return out.logits[:, -1, :]
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
@@ -281,15 +341,21 @@ class FastEngine:
             logits = self.prefill(ids, reserve=FIRST_CAPACITY)
             self.step(logits.argmax(dim=-1, keepdim=True), len(ids))
             self.cached_ids = []  # what the warm-up wrote is not a conversation
+            if self.states is not None:
+                self.states.clear()
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
-        ids = prompt_ids(self.tokenizer, messages, continue_final)
+        ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
+        marks = ()
+        if self.hybrid and not continue_final:
+            # The history without the generation prompt: every later turn's prompt starts with it.
+            marks = (len(encode(self.tokenizer, render(self.tokenizer, messages, thinking=settings.thinking, generation_prompt=False))),)
         info = {}
 
         def produce(emit, stop_event):
             with self.lock, torch.inference_mode():
                 try:
-                    self._generate(ids, settings, emit, stop_event, info)
+                    self._generate(ids, settings, emit, stop_event, info, marks)
                 except torch.cuda.OutOfMemoryError:
                     self._drop_cache()  # give its memory back; the next turn builds a new one
                     raise
@@ -297,13 +363,14 @@ class FastEngine:
                     self.cached_ids = []  # the cache may be half written: rebuild next time
                     raise
 
-        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids, info=info)
+        return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids,
+                           info=info, opens_thinking=opened)
 
-    def _generate(self, ids, settings, emit, stop_event, info) -> None:
+    def _generate(self, ids, settings, emit, stop_event, info, marks=()) -> None:
         clock = time.perf_counter
         info["timings"] = timings = {"start": clock()}
         sampler = Sampler(self.model, settings, ids, self.device)
-        logits = self.prefill(ids, reserve=settings.max_new_tokens, stop_event=stop_event)
+        logits = self.prefill(ids, reserve=settings.max_new_tokens, stop_event=stop_event, marks=marks)
         timings["prefill_queued"] = clock()
         info["cached_tokens"] = self.reused
         if stop_event.is_set() and len(self.cached_ids) < len(ids):
@@ -331,7 +398,8 @@ class FastEngine:
             if value in self.end_ids or stop_event.is_set() or following is None:
                 break
             token = following
-
+        if self.states is not None and len(self.cached_ids) > len(ids):
+            self.states.record(self.cached_ids)  # the next turn may drop this reply (thinking), or undo it
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache()

@@ -15,6 +15,7 @@ class GenerationSettings:
     top_k: Optional[int] = None
     repetition_penalty: Optional[float] = None
     seed: Optional[int] = None
+    thinking: Optional[bool] = None  # enable_thinking for the chat template; None: the template's default
 
     def overridden(self, **changes) -> "GenerationSettings":
         """A copy with the given fields changed; ``None`` values leave a field as it is."""

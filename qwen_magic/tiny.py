@@ -1,12 +1,15 @@
-"""Write a tiny Qwen2 chat model to a directory, for tests and offline examples.
+"""Write a tiny Qwen chat model to a directory, for tests and offline examples.
 
-The model has random weights but the real Qwen2 architecture, and its tokenizer
-is a byte-level BPE with Qwen2.5's ChatML special tokens and chat template, so it
-loads through ``%qwen_load PATH`` exactly like ``Qwen/Qwen2.5-7B-Instruct`` does.
-Any Unicode text (Chinese included) round-trips, usually as several tokens per
-character, which is what the streaming tests need.
+The model has random weights but a real Qwen architecture (Qwen2 by default; Qwen3,
+Qwen3-MoE, the hybrid Qwen3.5 and Qwen3-Next with ``family=``), and its tokenizer
+is a byte-level BPE with Qwen's ChatML special tokens and the family's chat
+template style (Qwen2.5's; Qwen3's with ``enable_thinking``; Qwen3.5's, whose
+generation prompt opens the think block), so it loads through ``%qwen_load PATH``
+exactly like ``Qwen/Qwen2.5-7B-Instruct`` or ``Qwen/Qwen3-8B`` does. Any Unicode
+text (Chinese included) round-trips, usually as several tokens per character,
+which is what the streaming tests need.
 
-    python -m qwen_magic.tiny /tmp/tiny-qwen [--endless]
+    python -m qwen_magic.tiny /tmp/tiny-qwen [--endless] [--family qwen3_5_text]
 """
 
 import argparse
@@ -14,6 +17,31 @@ from importlib import resources
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # added tokens in Qwen3's tokenizer, but not "special": decoding keeps them
+
+_HYBRID = dict(  # Gated DeltaNet layers: three linear-attention layers for each full-attention one
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    num_hidden_layers=4, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+    linear_num_key_heads=2, linear_num_value_heads=4, head_dim=8,
+)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+# family -> (config class, model class, template style, fields beyond the common ones)
+FAMILIES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "chatml", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen3", dict(head_dim=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "qwen3", dict(head_dim=8, **_MOE)),
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", "qwen3.5", _HYBRID),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", "qwen3.5", dict(_HYBRID, shared_expert_intermediate_size=32, **_MOE)),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", "qwen3", dict(_HYBRID, shared_expert_intermediate_size=32, **_MOE)),
+}
+
+
+def available_families() -> list:
+    """The families the installed transformers has (Qwen3.5 needs transformers 5)."""
+    import transformers
+
+    return [name for name, (config, model, _, _) in FAMILIES.items() if hasattr(transformers, config) and hasattr(transformers, model)]
 
 # Enough text to learn merges for the test prompts (English, Chinese, code).
 _CORPUS = [
@@ -28,12 +56,17 @@ _CORPUS = [
 ]
 
 
-def chat_template() -> str:
-    """Qwen2.5-Instruct's own chat template (ChatML, with its default system prompt)."""
-    return resources.files("qwen_magic").joinpath("chatml_template.jinja").read_text(encoding="utf-8")
+def chat_template(style: str = "chatml") -> str:
+    """Qwen2.5-Instruct's own chat template (ChatML, with its default system prompt), or
+    Qwen3's (``enable_thinking``, earlier reasoning dropped), or Qwen3.5's (Qwen3's whose
+    generation prompt opens the think block, so the reply starts inside the thinking)."""
+    if style == "chatml":
+        return resources.files("qwen_magic").joinpath("chatml_template.jinja").read_text(encoding="utf-8")
+    template = resources.files("qwen_magic").joinpath("qwen3_template.jinja").read_text(encoding="utf-8")
+    return ("{%- set opens_think = true %}\n" + template) if style == "qwen3.5" else template
 
 
-def build_tokenizer(vocab_size: int = 400):
+def build_tokenizer(vocab_size: int = 400, style: str = "chatml"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,7 +75,7 @@ def build_tokenizer(vocab_size: int = 400):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if style == "chatml" else SPECIAL_TOKENS + THINK_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -54,24 +87,31 @@ def build_tokenizer(vocab_size: int = 400):
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
         model_input_names=["input_ids", "attention_mask"],  # as Qwen2's tokenizer: no token_type_ids
     )
-    tokenizer.chat_template = chat_template()
+    if style != "chatml":
+        # As Qwen3's tokenizer: <think> and </think> are single tokens that decoding keeps.
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINK_TOKENS])
+    tokenizer.chat_template = chat_template(style)
     return tokenizer
 
 
-def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_length: int = 4096, **shape) -> Path:
-    """Save a tiny random Qwen2ForCausalLM and its tokenizer under ``path``.
+def write_tiny_model(path, *, family: str = "qwen2", seed: int = 0, endless: bool = False, context_length: int = 4096, **shape) -> Path:
+    """Save a tiny random model of ``family`` (see FAMILIES) and its tokenizer under ``path``.
 
     ``endless=True`` zeroes the output rows of the end-of-turn tokens, so greedy
     decoding never picks them and a reply always runs to ``max_new_tokens``
-    (for interrupt and length tests). ``shape`` overrides Qwen2Config fields, e.g.
+    (for interrupt and length tests). ``shape`` overrides config fields, e.g.
     ``hidden_size=128`` so that 4-bit layers take bitsandbytes' batch-1 kernels.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
+    config_name, model_name, style, family_fields = FAMILIES[family]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(style=style)
     end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     fields = dict(
         vocab_size=len(tokenizer),
@@ -86,9 +126,13 @@ def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_leng
         pad_token_id=end_ids[1],
         bos_token_id=None,
     )
-    config = Qwen2Config(**{**fields, **shape})
+    if "moe_intermediate_size" in family_fields:
+        fields.pop("intermediate_size")
+        if family == "qwen3_next":
+            fields["intermediate_size"] = 64
+    config = getattr(transformers, config_name)(**{**fields, **family_fields, **shape})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    model = getattr(transformers, model_name)(config)
     with torch.no_grad():
         # Larger weights than the default init, so greedy picks differ from token to token.
         for param in model.parameters():
@@ -96,11 +140,10 @@ def write_tiny_model(path, *, seed: int = 0, endless: bool = False, context_leng
                 param.normal_(0.0, 0.5)
         if endless:
             model.lm_head.weight[end_ids] = 0.0
-    # Qwen2.5-7B-Instruct's own generation defaults, which the classic recipe inherits.
-    model.generation_config = GenerationConfig(
-        eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=True,
-        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05,
-    )
+    # The real checkpoints' own generation defaults, which the classic recipe inherits:
+    # Qwen2.5-7B-Instruct's, or Qwen3's (its thinking-mode sampling, no repetition penalty).
+    sampling = dict(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05) if style == "chatml" else dict(temperature=0.6, top_p=0.95, top_k=20)
+    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=True, **sampling)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -111,8 +154,9 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="directory to write the model to")
     parser.add_argument("--endless", action="store_true", help="never end a reply before max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2", help="architecture and chat template style")
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.path, seed=args.seed, endless=args.endless))
+    print(write_tiny_model(args.path, family=args.family, seed=args.seed, endless=args.endless))
 
 
 if __name__ == "__main__":
