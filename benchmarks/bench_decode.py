@@ -35,23 +35,39 @@ QWEN25_7B = dict(
     num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=False, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
 )
+QWEN3_8B = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+)
+# Qwen3.5-9B: transformers' Qwen3_5TextConfig defaults are its shape (32 layers, 3 Gated DeltaNet : 1 attention).
+SHAPES = {
+    "qwen2.5-7b": ("Qwen2Config", "Qwen2ForCausalLM", QWEN25_7B, "chatml"),
+    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", QWEN3_8B, "qwen3"),
+    "qwen3.5-9b": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(bos_token_id=None, eos_token_id=248046), "qwen3.5"),
+}
 QUESTION = '请将以下文本分类为 [体育, 科技, 政治, 娱乐] 中的一个类别。文本:"苹果公司发布了新一代iPhone,搭载了更强大的A系列芯片。"请只输出类别名称。'
 TUTORIAL = dict(do_sample=True, temperature=0.7, top_p=0.9)
 
 
-def build_model(path):
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def build_model(path, shape="qwen2.5-7b"):
+    import transformers
+    from transformers import GenerationConfig
 
+    config_name, model_name, fields, style = SHAPES[shape]
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_7B))
+        model = getattr(transformers, model_name)(getattr(transformers, config_name)(**fields))
     torch.set_default_dtype(torch.float32)
-    model.generation_config = GenerationConfig(  # Qwen2.5-7B-Instruct's
-        eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
-        repetition_penalty=1.05,
-    )
+    if style == "chatml":
+        model.generation_config = GenerationConfig(  # Qwen2.5-7B-Instruct's
+            eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+            repetition_penalty=1.05,
+        )
+    else:  # Qwen3's and Qwen3.5's (thinking mode)
+        model.generation_config = GenerationConfig(eos_token_id=fields["eos_token_id"], do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    build_tokenizer(style=style).save_pretrained(path)
     del model
     torch.cuda.empty_cache()
 
@@ -133,6 +149,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--history", type=int, nargs="+", default=[512, 2000, 8000])
     parser.add_argument("--model-dir", help="reuse a model built earlier")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b", help="the model shape to build")
     parser.add_argument("--peak", choices=("classic", "ours"), help="only measure that side's peak memory (one JSON line)")
     args = parser.parse_args()
     if args.peak:
@@ -143,12 +160,12 @@ def main():
     results = {
         "card": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
         "bitsandbytes": bitsandbytes.__version__, "python": platform.python_version(), "compute_dtype": args.dtype,
-        "new_tokens": args.tokens,
+        "new_tokens": args.tokens, "shape": args.shape,
     }
     path = args.model_dir or tempfile.mkdtemp(prefix="qwen7b-shape-")
     if not os.path.exists(os.path.join(path, "config.json")):
-        seconds, _ = sync_time(lambda: build_model(path))
-        print(f"built and saved the 7B-shaped model in {seconds:.0f} s")
+        seconds, _ = sync_time(lambda: build_model(path, args.shape))
+        print(f"built and saved the {args.shape}-shaped model in {seconds:.0f} s")
 
     results["bandwidth_bytes_per_s"] = copy_bandwidth()
     quiet = lambda _: None
@@ -203,7 +220,10 @@ def main():
                     engine._reserve(len(full) + args.tokens)
                     shared = len(full) - len(tokenizer(f"<|im_start|>user\n{new_message['content']}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
                     engine.prefill(full[:shared])
-                    engine.step(torch.zeros((1, 1), dtype=torch.long, device="cuda"), shared)
+                    kept = engine.states.take(full[:shared]) if engine.states is not None else None
+                    engine.step(torch.zeros((1, 1), dtype=torch.long, device="cuda"), shared)  # captures the graph
+                    if kept is not None:
+                        engine.states.put_back(kept)  # the step folded a token into the recurrent state
             torch.cuda.synchronize()
             reply = generate_reply(engine, history + [new_message], one)
             if attempt == 0:
@@ -236,7 +256,7 @@ def report(r, args):
         ("load time (s)", r["load_s_classic"], r["load_s_ours"], "/"),
     ]
     lines = [
-        f"card: {r['card']} · torch {r['torch']} · transformers {r['transformers']} · bitsandbytes {r['bitsandbytes']} · "
+        f"shape: {r.get('shape', 'qwen2.5-7b')} · card: {r['card']} · torch {r['torch']} · transformers {r['transformers']} · bitsandbytes {r['bitsandbytes']} · "
         f"NF4, {r['compute_dtype']} compute · engine: {r['engine']}",
         "",
         "| measure | classic recipe | qwen_magic | ratio |",
@@ -257,9 +277,10 @@ def report(r, args):
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as file:
+    name = "bench" if args.shape == "qwen2.5-7b" else f"bench-{args.shape}"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as file:
         json.dump(r, file, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as file:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as file:
         file.write(text + "\n")
 
 

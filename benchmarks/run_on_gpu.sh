@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|profile|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -11,10 +11,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes, IPython; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ipython', IPython.__version__)"
 model=/tmp/qwen7b-shape
 case $what in tests|all)
-    python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_families.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
 esac
 case $what in bench|all)
     python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench.txt" | tail -16 ;;
+esac
+case $what in shapes|all)  # the Qwen3-8B and hybrid Qwen3.5-9B shapes, each against the recipe
+    for shape in qwen3-8b qwen3.5-9b; do
+        python3 benchmarks/bench_decode.py --out "$OUT" --shape $shape --model-dir /tmp/$shape-shape 2>&1 | grep -vE 'Loading weights|Writing model|falling back' | tee "$OUT/bench-$shape.txt" | tail -16
+        rm -rf /tmp/$shape-shape
+    done ;;
 esac
 case $what in profile|all)
     python3 benchmarks/profile_turn.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|_warn_once' | cut -c1-160 | head -14 ;;

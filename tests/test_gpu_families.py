@@ -1,0 +1,86 @@
+"""Every Qwen family on the GPU in NF4: the CUDA-graph engine equals eager steps and a plain forward
+(teacher forcing), and greedy replies over several turns equal the classic recipe's, with cache reuse,
+regenerate and continue. Skipped without CUDA and bitsandbytes (CI has no GPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from qwen_magic import loader
+from qwen_magic.engine import GenerateEngine, generate_reply
+from qwen_magic.fast import FastEngine
+from qwen_magic.prompt import prompt_ids
+from qwen_magic.settings import GenerationSettings
+from qwen_magic.tiny import available_families
+from test_fast import forced_logits, reference_logits, relative_error
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"),
+]
+
+FAMILIES = [f for f in available_families() if f != "qwen2"]  # qwen2 has tests/test_gpu.py
+SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    from qwen_magic.tiny import write_tiny_model
+
+    extra = dict(SHAPE, num_hidden_layers=4, head_dim=64)
+    if "moe" in request.param or request.param == "qwen3_next":
+        extra.update(moe_intermediate_size=128)
+    if request.param.startswith(("qwen3_5", "qwen3_next")):
+        extra.update(linear_key_head_dim=64, linear_value_head_dim=64)
+    return request.param, str(write_tiny_model(tmp_path_factory.mktemp(request.param), family=request.param, **extra))
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])  # float16 is what a T4 computes in
+def nf4(request, family_dir):
+    family, path = family_dir
+    loaded = loader.load(path, bits=4, dtype=request.param, engine="fast", notify=lambda _: None)
+    yield family, loaded
+    loader.free(loaded)
+
+
+def turns(tokenizer, *texts):
+    return prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
+
+
+def test_graph_equals_eager_and_a_plain_forward(nf4):
+    family, loaded = nf4
+    model, tokenizer, graphed = loaded.model, loaded.tokenizer, loaded.engine
+    assert graphed.name == "static KV cache + CUDA graph"
+    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False)
+    reply = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
+    bound = 1e-3 if model.dtype == torch.float32 else 2e-2
+    for prompt in [
+        turns(tokenizer, "介绍广州这座城市"),
+        turns(tokenizer, "介绍广州这座城市", "广州是广东省的省会。", "它有什么好吃的美食吗?"),  # reuses the cache
+        turns(tokenizer, "它有什么好吃的美食吗?", "早茶和虾饺。", "还有呢?"),  # window moved: rebuilt
+    ]:
+        graph_logits = forced_logits(graphed, prompt, reply).float()
+        assert relative_error(graph_logits, forced_logits(eager, prompt, reply).float()) < bound, family
+        assert relative_error(graph_logits, reference_logits(model, prompt, reply).float()) < bound, family
+    eager.close()
+
+
+def test_greedy_turns_regenerate_and_continue_equal_generate(nf4):
+    family, loaded = nf4
+    fast, classic = loaded.engine, GenerateEngine(loaded.model, loaded.tokenizer)
+    settings = GenerationSettings(do_sample=False, max_new_tokens=24)
+    history, cached = [], []
+    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello! How are you today?"]:
+        history.append({"role": "user", "content": question})
+        expected = generate_reply(classic, history, settings)
+        reply = generate_reply(fast, history, settings)
+        assert reply.token_ids == expected.token_ids, (family, question)
+        again = generate_reply(fast, history, settings)  # regenerate: the same prompt once more
+        assert again.token_ids == expected.token_ids and again.cached_tokens > 0, family
+        cached.append(reply.cached_tokens)
+        history.append({"role": "assistant", "content": reply.text})
+    assert all(c > 0 for c in cached[1:]), (family, cached)
+    partial = history[:-1] + [{"role": "assistant", "content": history[-1]["content"][:5]}]
+    assert generate_reply(fast, partial, settings).token_ids == generate_reply(classic, partial, settings).token_ids
