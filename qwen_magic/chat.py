@@ -4,14 +4,15 @@ The conversation changes only after a reply is complete (or interrupted, which
 keeps the partial reply): any error before that leaves it exactly as it was.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .conversation import Conversation
 from .display import ReplyView, stats_line
 from .interrupt import interrupt_calls
-from .prompt import count_prompt_tokens
+from .prompt import count_prompt_tokens, count_text_tokens, render
 from .settings import GenerationSettings
+from .thinking import opens_thinking, raw_text, split
 
 
 @dataclass
@@ -26,7 +27,7 @@ class TurnOptions:
 def window_for(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions):
     return conversation.window(
         question,
-        count_tokens=lambda messages: count_prompt_tokens(loaded.tokenizer, messages),
+        count_tokens=lambda messages: count_prompt_tokens(loaded.tokenizer, messages, settings.thinking),
         max_turns=options.max_turns,
         max_new_tokens=settings.max_new_tokens,
         max_context_tokens=options.max_context_tokens,
@@ -36,41 +37,60 @@ def window_for(conversation: Conversation, loaded, question: str, settings: Gene
 
 def ask(conversation: Conversation, loaded, question: str, settings: GenerationSettings, options: TurnOptions,
         view: ReplyView, cell_id: Optional[str] = None):
+    """One turn; returns the Reply with ``text`` the answer alone (a thinking model's reasoning in ``reasoning``)."""
     window = window_for(conversation, loaded, question, settings, options)
-    reply = _show(loaded.engine.start(window.messages, settings), view, window.notice())
+    stream = loaded.engine.start(window.messages, settings)
+    reply = _show(stream, view, window.notice())
     if reply.finish_reason == "interrupted" and not reply.new_tokens and not reply.text:
         view.finish("", "interrupted before the first token; the conversation is unchanged")
         return reply
+    parts = split(reply.text, stream.opens_thinking)
     if options.record:
-        conversation.add_exchange(question, reply.text, finish_reason=reply.finish_reason, cell_id=cell_id)
-    view.finish(reply.text, _footer(reply, options))
-    return reply
+        conversation.add_exchange(question, parts.answer, finish_reason=reply.finish_reason, cell_id=cell_id,
+                                  reasoning=parts.reasoning if parts.thinking else None, raw=reply.text,
+                                  thinking_open=not parts.done)
+    view.finish(reply.text, _footer(reply, options, parts, view.thinking_tokens))
+    return replace(reply, text=parts.answer, reasoning=parts.reasoning if parts.thinking else None)
 
 
 EMPTY = "the model returned an empty reply (try again, or sample with a higher temperature)"
 
 
 def continue_last(conversation: Conversation, loaded, settings: GenerationSettings, options: TurnOptions, view: ReplyView):
-    """Continue the last reply (cut at max_new_tokens or interrupted) in place, as one assistant message."""
+    """Continue the last reply (cut at max_new_tokens or interrupted) in place, as one assistant message.
+
+    The model is given its reply as it wrote it, thinking included (a reply cut inside its
+    thinking goes on thinking), after the same generation prompt.
+    """
     asked, answer = conversation.messages[-2], conversation.messages[-1]
     earlier = Conversation(system=conversation.system, messages=conversation.messages[:-2])
-    partial_tokens = len(loaded.tokenizer(answer["content"], add_special_tokens=False)["input_ids"])
+    written = answer.get("raw")
+    room = settings
+    if written is None:  # a reply loaded from a file: Qwen's own layout of reasoning and answer
+        window = window_for(earlier, loaded, asked["content"], settings, options)
+        opened = opens_thinking(render(loaded.tokenizer, window.messages, thinking=settings.thinking))
+        written = raw_text(answer.get("reasoning_content") or "", answer["content"], opened, not answer.get("thinking_open"))
+    partial_tokens = count_text_tokens(loaded.tokenizer, written)
     room = settings.overridden(max_new_tokens=settings.max_new_tokens + partial_tokens)  # the partial reply is prompt now
     window = window_for(earlier, loaded, asked["content"], room, options)
-    messages = window.messages + [{"role": "assistant", "content": answer["content"]}]
-    view.text = answer["content"]
-    reply = _show(loaded.engine.start(messages, settings, continue_final=True), view, window.notice())
-    conversation.extend_last_reply(reply.text, reply.finish_reason)
-    view.finish(answer["content"], _footer(reply, options))
-    return reply
+    messages = window.messages + [{"role": "assistant", "content": written}]
+    stream = loaded.engine.start(messages, settings, continue_final=True)
+    view.text = written
+    reply = _show(stream, view, window.notice())
+    whole = written + reply.text
+    parts = split(whole, stream.opens_thinking)
+    conversation.set_last_reply(parts.answer, reply.finish_reason, parts.reasoning if parts.thinking else None, whole, not parts.done)
+    view.finish(whole, _footer(reply, options, parts, view.thinking_tokens))
+    return replace(reply, text=parts.answer, reasoning=parts.reasoning if parts.thinking else None)
 
 
 def _show(stream, view: ReplyView, notice):
+    view.opened = stream.opens_thinking
     view.start(notice)
     try:
         with interrupt_calls(stream.request_stop):
             for piece in stream:
-                view.append(piece)
+                view.append(piece, len(stream.decoder.ids))
     except KeyboardInterrupt:  # a second interrupt, or one the handler could not catch
         stream.stop()
     except BaseException:
@@ -79,12 +99,19 @@ def _show(stream, view: ReplyView, notice):
     return stream.result
 
 
-def _footer(reply, options: TurnOptions) -> Optional[str]:
+def _footer(reply, options: TurnOptions, parts, thinking_tokens: Optional[int]) -> Optional[str]:
     footer = []
-    if not reply.text.strip() and reply.finish_reason != "interrupted":
+    if parts.thinking and not parts.done:
+        if reply.finish_reason == "length":
+            footer.append("stopped at max_new_tokens while thinking: %qwen_continue goes on (or raise --max-new-tokens)")
+        elif reply.finish_reason == "interrupted":
+            footer.append("interrupted while thinking")
+    elif not parts.answer.strip() and reply.finish_reason != "interrupted":
         footer.append(EMPTY)
-    if reply.finish_reason == "interrupted":
+    if reply.finish_reason == "interrupted" and parts.done:
         footer.append("interrupted")
     if options.show_stats:
-        footer.append(stats_line(reply, options.max_context_tokens))
+        if parts.thinking and thinking_tokens is None and not parts.done:
+            thinking_tokens = reply.new_tokens
+        footer.append(stats_line(reply, options.max_context_tokens, thinking_tokens if parts.thinking else None))
     return " · ".join(footer) or None

@@ -37,6 +37,14 @@ def _plain(message: dict) -> dict:
     return {"role": message["role"], "content": message["content"]}
 
 
+def _saved(message: dict) -> dict:
+    """What a history file keeps of a message: role, content and any reasoning."""
+    kept = _plain(message)
+    if isinstance(message.get("reasoning_content"), str):
+        kept["reasoning_content"] = message["reasoning_content"]
+    return kept
+
+
 @dataclass
 class Window:
     """What one turn sends: the messages, their token count, and how many earlier exchanges were left out."""
@@ -66,22 +74,30 @@ class Conversation:
     def exchanges(self) -> List[List[dict]]:
         return [self.messages[i:i + 2] for i in range(0, len(self.messages), 2)]
 
-    def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None, cell_id: Optional[str] = None) -> None:
+    def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None, cell_id: Optional[str] = None,
+                     reasoning: Optional[str] = None, raw: Optional[str] = None, thinking_open: bool = False) -> None:
+        """Record one exchange. ``reply`` is the answer alone; a thinking model's reasoning goes
+        beside it as ``reasoning_content`` (saved, shown, never sent back as part of an answer)."""
         # Marks kept beside role and content are shown or used here, never sent to the model or saved.
         asked = {"role": "user", "content": question}
         if cell_id:
             asked["cell_id"] = cell_id  # the notebook cell that asked: re-running it replaces this exchange
+        self.messages += [asked, {"role": "assistant", "content": ""}]
+        self.set_last_reply(reply, finish_reason, reasoning, raw, thinking_open)
+
+    def set_last_reply(self, reply: str, finish_reason: Optional[str] = None, reasoning: Optional[str] = None,
+                       raw: Optional[str] = None, thinking_open: bool = False) -> None:
+        """Replace the last answer (a continued reply is recorded whole again)."""
         answer = {"role": "assistant", "content": reply}
+        if reasoning is not None:
+            answer["reasoning_content"] = reasoning
+        if raw is not None and raw != reply:
+            answer["raw"] = raw  # exactly as the model wrote it, for %qwen_continue
+        if thinking_open:
+            answer["thinking_open"] = True  # cut inside the thinking
         if finish_reason in ("interrupted", "length"):
             answer["unfinished"] = finish_reason  # %qwen_continue can pick it up
-        self.messages += [asked, answer]
-
-    def extend_last_reply(self, more: str, finish_reason: str) -> None:
-        answer = self.messages[-1]
-        answer["content"] += more
-        answer.pop("unfinished", None)
-        if finish_reason in ("interrupted", "length"):
-            answer["unfinished"] = finish_reason
+        self.messages[-1] = answer
 
     def copy(self) -> "Conversation":
         return Conversation(system=self.system, messages=[dict(m) for m in self.messages])
@@ -110,7 +126,10 @@ class Conversation:
             parts.append(f"**System:** {self.system}")
         for index, (asked, answer) in enumerate(self.exchanges, 1):
             note = f" *({answer['unfinished']})*" if answer.get("unfinished") else ""
-            parts += [f"## {index}. You", asked["content"], f"## {index}. Qwen{note}", answer["content"]]
+            parts += [f"## {index}. You", asked["content"], f"## {index}. Qwen{note}"]
+            if answer.get("reasoning_content"):
+                parts.append(f"<details><summary>Thinking</summary>\n\n{answer['reasoning_content']}\n\n</details>")
+            parts.append(answer["content"])
         return "\n\n".join(parts) + "\n"
 
     def clear(self) -> None:
@@ -166,23 +185,26 @@ class Conversation:
             left_out_for_tokens=allowed - best,
         )
 
-    # --- JSON: a list of {"role", "content"}, the system prompt first when there is one.
+    # --- JSON: a list of {"role", "content"} (assistant messages may add "reasoning_content"),
+    # the system prompt first when there is one.
 
     def to_json(self) -> List[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [_plain(m) for m in self.messages]
+        return head + [_saved(m) for m in self.messages]
 
     @classmethod
     def from_json(cls, data) -> "Conversation":
         if not isinstance(data, list):
             raise HistoryError("expected a JSON list of {\"role\", \"content\"} objects")
         for i, message in enumerate(data):
-            if not isinstance(message, dict) or set(message) != {"role", "content"}:
-                raise HistoryError(f"message {i} must be an object with exactly the keys \"role\" and \"content\"")
+            if not isinstance(message, dict) or not {"role", "content"} <= set(message) <= {"role", "content", "reasoning_content"}:
+                raise HistoryError(f"message {i} must be an object with the keys \"role\" and \"content\" (and \"reasoning_content\" for a reply)")
             if message["role"] not in ROLES:
                 raise HistoryError(f"message {i} has unknown role {message['role']!r}")
             if not isinstance(message["content"], str):
                 raise HistoryError(f"message {i} has content that is not a string")
+            if "reasoning_content" in message and (message["role"] != "assistant" or not isinstance(message["reasoning_content"], str)):
+                raise HistoryError(f"message {i}: only an assistant message may have reasoning_content, and it must be a string")
         system = None
         if data and data[0]["role"] == "system":
             system, data = data[0]["content"], data[1:]

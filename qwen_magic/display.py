@@ -1,8 +1,15 @@
-"""Show a reply under the cell: Markdown updated in place, or plain text in a terminal."""
+"""Show a reply under the cell: Markdown updated in place, or plain text in a terminal.
 
+A thinking model's reasoning goes into a collapsed ``<details>`` block (JupyterLab,
+Colab and VS Code render it from Markdown) above the answer.
+"""
+
+import html
 import sys
 import time
 from typing import Optional
+
+from .thinking import split
 
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
@@ -30,8 +37,11 @@ def can_update_in_place(shell) -> bool:
     return publisher is not None and type(publisher) is not DisplayPublisher
 
 
-def stats_line(reply, max_context_tokens: int) -> str:
-    parts = [f"{reply.new_tokens} tokens"]
+def stats_line(reply, max_context_tokens: int, thinking_tokens: Optional[int] = None) -> str:
+    tokens = f"{reply.new_tokens} tokens"
+    if thinking_tokens is not None:
+        tokens += f" ({thinking_tokens} thinking, {max(reply.new_tokens - thinking_tokens, 0)} answer)"
+    parts = [tokens]
     if reply.tokens_per_second:
         parts.append(f"{reply.tokens_per_second:.1f} tokens/s")
     if reply.first_token_seconds is not None:
@@ -52,7 +62,10 @@ class ReplyView:
     def __init__(self, shell, *, live: bool = True):
         self.rich = can_update_in_place(shell)
         self.live = live
-        self.text = ""
+        self.text = ""  # the reply as written so far, think block included
+        self.opened: Optional[bool] = False  # the prompt opened a think block (None: not known)
+        self.tokens = 0  # tokens so far, as counted by the stream
+        self.thinking_tokens: Optional[int] = None  # tokens the thinking took, once it ended
         self.notice: Optional[str] = None
         self._handle = None
         self._last_update = float("-inf")  # the first piece shows at once
@@ -70,8 +83,14 @@ class ReplyView:
             sys.stdout.write(self.text)
             sys.stdout.flush()
 
-    def append(self, piece: str) -> None:
+    def append(self, piece: str, tokens: Optional[int] = None) -> None:
         self.text += piece
+        if tokens is not None:
+            self.tokens = tokens
+        if self.thinking_tokens is None and tokens is not None:
+            parts = split(self.text, self.opened, streaming=True)
+            if parts.thinking and parts.done:
+                self.thinking_tokens = tokens
         if not self.live:
             return
         if not self.rich:
@@ -87,7 +106,7 @@ class ReplyView:
         """Show the final reply (the authoritative text, not the sum of pieces) and a quiet footer."""
         footer_md = f"\n\n<sub>{footer}</sub>" if footer else ""
         if self.rich:
-            final = self._render(text, footer_md, f"\n\n({footer})" if footer else "")
+            final = self._render(text, footer_md, f"\n\n({footer})" if footer else "", streaming=False)
             if self._handle is not None:
                 self._handle.update(final)
             else:
@@ -111,7 +130,23 @@ class ReplyView:
         elif not self.rich and self.live:
             sys.stdout.write(f"\n({note})\n")
 
-    def _render(self, body: str, footer_md: str = "", footer_plain: str = "") -> MarkdownText:
+    def _render(self, body: str, footer_md: str = "", footer_plain: str = "", streaming: bool = True) -> MarkdownText:
         head_md = f"<sub>{self.notice}</sub>\n\n" if self.notice else ""
         head_plain = f"({self.notice})\n" if self.notice else ""
-        return MarkdownText(head_md + body + footer_md, head_plain + body + footer_plain)
+        cursor = body.endswith(" ▌")
+        parts = split(body[:-2] if cursor else body, self.opened, streaming=streaming)
+        if not parts.thinking:
+            return MarkdownText(head_md + body + footer_md, head_plain + body + footer_plain)
+        answer = parts.answer + (" ▌" if cursor and parts.done else "")
+        thinking = parts.reasoning + (" ▌" if cursor and not parts.done else "")
+        return MarkdownText(
+            head_md + self._details(thinking, parts.done) + answer + footer_md,
+            head_plain + f"[thinking]\n{thinking}\n[/thinking]\n\n" + answer + footer_plain,
+        )
+
+    def _details(self, reasoning: str, done: bool) -> str:
+        count = self.thinking_tokens if done and self.thinking_tokens is not None else self.tokens
+        label = ("Thought" if done else "Thinking") + (f" · {count} tokens" if count else "")
+        # Open while it streams, so the thoughts can be watched; collapsed once the answer begins.
+        state = "" if done else " open"
+        return f"<details{state}><summary>{label}</summary>\n\n{html.escape(reasoning, quote=False)}\n\n</details>\n\n"

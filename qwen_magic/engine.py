@@ -36,6 +36,7 @@ class Reply:
     seconds: float
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the last turn
     completion_tokens: Optional[int] = None  # a server's own count, where the ids are not at hand
+    reasoning: Optional[str] = None  # a thinking model's reasoning, apart from ``text`` (set by the chat layer)
 
     @property
     def new_tokens(self) -> int:

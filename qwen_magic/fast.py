@@ -143,7 +143,15 @@ class FastEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
-        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        experts = getattr(text_config, "num_experts", 0) or getattr(text_config, "num_local_experts", 0)
+        self.note = ""  # why the CUDA graph is off, for the load summary
+        if use_graph is None:
+            use_graph = self.device.type == "cuda" and not experts
+            if self.device.type == "cuda" and experts:
+                # transformers picks the experts each token visits with host-side loops, which a graph cannot hold
+                self.note = " (no CUDA graph: mixture-of-experts layers route tokens on the host)"
+        self.use_graph = use_graph
         self.name = "static KV cache + CUDA graph" if self.use_graph else "static KV cache"
         self.context_length = context_length
         self.end_ids = end_token_ids(model, tokenizer)

@@ -177,7 +177,7 @@ def pick_engine(model, tokenizer, wanted: str, context_length: int):
     try:
         fast = FastEngine(model, tokenizer, context_length=context_length)
         fast.warm_up()
-        return fast, ""
+        return fast, fast.note
     except Exception as error:  # an architecture or setup the fast loop cannot run: fall back, say why
         if fast is not None:
             fast.close()

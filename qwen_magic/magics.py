@@ -35,8 +35,8 @@ class QwenMagics(Magics):
 
     model = Unicode(DEFAULT_MODEL, help="Model that %qwen_load loads when given none: a Hub id or a local directory.").tag(config=True)
     bits = Int(4, help="Weight precision for %qwen_load: 4 (bitsandbytes NF4), 8 (LLM.int8) or 16 (no quantization).").tag(config=True)
-    temperature = Float(0.7, help="Sampling temperature; 0 means greedy decoding.").tag(config=True)
-    top_p = Float(0.9, help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p, in (0, 1].").tag(config=True)
+    temperature = Float(None, allow_none=True, help="Sampling temperature; 0 means greedy decoding. None: the model's own (its generation_config; the tutorial's 0.7 if it has none).").tag(config=True)
+    top_p = Float(None, allow_none=True, help="Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p, in (0, 1]. None: the model's own (else 0.9).").tag(config=True)
     top_k = Int(None, allow_none=True, help="Sample only from the k likeliest tokens; 0 turns it off; None uses the model's default.").tag(config=True)
     max_new_tokens = Int(512, help="Longest reply, in tokens.").tag(config=True)
     do_sample = Bool(True, help="Sample the reply (True) or pick the likeliest token every step (False, greedy).").tag(config=True)
@@ -51,6 +51,7 @@ class QwenMagics(Magics):
     autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
+    thinking = Bool(None, allow_none=True, help="Thinking models (Qwen3, Qwen3.5): True thinks before answering, False answers directly; None: the model's default. Passed to the chat template as enable_thinking.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -122,7 +123,7 @@ class QwenMagics(Magics):
             loader.free(None)
             print("Loading interrupted: no model is loaded.")
             return
-        print(self.loaded.summary())
+        print(self.loaded.summary() + self._sampling_note())
         if not self.loaded.chat_template:
             print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
 
@@ -138,7 +139,7 @@ class QwenMagics(Magics):
             self.loaded = remote.connect(url, model, api_key_env)
         except QwenError as error:
             raise UsageError(str(error)) from None
-        print(self.loaded.summary())
+        print(self.loaded.summary() + self._sampling_note())
 
     @line_magic
     def qwen_unload(self, line):
@@ -170,6 +171,8 @@ class QwenMagics(Magics):
     @argument("--top-k", type=int, metavar="K")
     @argument("--seed", type=int, metavar="N")
     @argument("--greedy", action="store_true", help="pick the likeliest token every step (no sampling)")
+    @argument("--think", action="store_true", help="a thinking model thinks before answering (enable_thinking=True)")
+    @argument("--no-think", action="store_true", help="a thinking model answers directly (enable_thinking=False)")
     @argument("--with", dest="attach", action="append", default=[], metavar="CELL_OR_NAME",
               help="attach cell N (source, printed output, result, error) or a variable before the message; may repeat")
     @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
@@ -194,8 +197,10 @@ class QwenMagics(Magics):
         if problem:
             raise UsageError(problem)
         self._require_model()
-        question = self._with_notebook(question, args.attach)
-        settings = self.settings().overridden(
+        if args.think and args.no_think:
+            raise UsageError("Give --think or --no-think, not both.")
+        thinking = True if args.think else False if args.no_think else None
+        settings = self.settings(thinking).overridden(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -203,6 +208,7 @@ class QwenMagics(Magics):
             seed=args.seed,
             do_sample=False if args.greedy else None,
         )
+        question = self._with_notebook(question, args.attach)
         reply = self._turn(question, settings, chat=args.chat, new=args.new, system=args.system,
                            no_history=args.no_history, cell_id=self._cell_id() if cell is not None else None)
         if args.code:
@@ -370,16 +376,53 @@ class QwenMagics(Magics):
         self.shell.set_next_input(block.group(1).rstrip("\n"), replace=False)
         print("The reply's first code block is in a new cell below (if none appeared, copy it from the reply).")
 
-    def settings(self) -> GenerationSettings:
+    def settings(self, thinking=None) -> GenerationSettings:
+        """The settings of one reply: cell flags aside, %config values, else what the model asks for.
+
+        ``thinking`` (a cell's --think or --no-think) overrides QwenMagics.thinking; asking a model
+        whose template has no thinking switch is refused in one line.
+        """
+        thinking = self.thinking if thinking is None else thinking
+        sampling = self._model_sampling(thinking)
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
+            temperature=sampling["temperature"] if self.temperature is None else self.temperature,
+            top_p=sampling["top_p"] if self.top_p is None else self.top_p,
+            top_k=sampling.get("top_k") if self.top_k is None else self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
+            thinking=thinking,
         )
+
+    def _model_sampling(self, thinking):
+        from .prompt import has_chat_template, supports_thinking
+        from .settings import model_sampling
+
+        loaded = self.loaded
+        tokenizer = getattr(loaded, "tokenizer", None)
+        switchable = tokenizer is not None and supports_thinking(tokenizer)
+        if thinking is not None and loaded is not None and has_chat_template(tokenizer) and not switchable:
+            raise UsageError(f"{loaded.name}'s chat template has no thinking switch (enable_thinking): "
+                             "drop --think/--no-think, or set QwenMagics.thinking = None.")
+        model = getattr(loaded, "model", None)
+        config = getattr(model, "config", None)
+        return model_sampling(getattr(model, "generation_config", None), getattr(config, "model_type", ""), thinking, switchable)
+
+    def _sampling_note(self) -> str:
+        """The sampling in effect, for the line %qwen_load prints."""
+        try:
+            settings, sampling = self.settings(), self._model_sampling(self.thinking)
+        except UsageError:
+            return ""
+        if not settings.do_sample or settings.temperature == 0:
+            return " · greedy decoding"
+        source = "your settings" if self.temperature is not None or self.top_p is not None else sampling["source"]
+        defaults = getattr(getattr(self.loaded, "model", None), "generation_config", None)
+        top_k = settings.top_k if settings.top_k is not None else getattr(defaults, "top_k", None)
+        penalty = settings.repetition_penalty if settings.repetition_penalty is not None else getattr(defaults, "repetition_penalty", None)
+        extra = (f", top-k {top_k}" if top_k else "") + (f", repetition penalty {penalty:g}" if penalty not in (None, 1.0) else "")
+        return f" · sampling: temperature {settings.temperature:g}, top-p {settings.top_p:g}{extra} ({source})"
 
     def turn_options(self, record=True):
         from .chat import TurnOptions

@@ -22,6 +22,24 @@ class GenerationSettings:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+TUTORIAL = dict(temperature=0.7, top_p=0.9)  # the classic tutorial's, for models that say nothing
+# Qwen3's and Qwen3.5's model cards for enable_thinking=False (their generation_config holds the thinking values).
+NON_THINKING = dict(temperature=0.7, top_p=0.8, top_k=20)
+
+
+def model_sampling(generation_config, model_type: str = "", thinking: Optional[bool] = None, switchable: bool = False) -> dict:
+    """The sampling a model asks for: its generation_config when that samples; the model card's
+    non-thinking values when a Qwen3-generation model's thinking is switched off; the tutorial's
+    temperature 0.7 and top-p 0.9 where the model says nothing. top_k and repetition_penalty
+    left out here are read from the generation_config by the engines."""
+    sampling = dict(TUTORIAL, source="the tutorial's")
+    if generation_config is not None and getattr(generation_config, "do_sample", False):
+        sampling = dict(temperature=generation_config.temperature, top_p=generation_config.top_p, source="the model's generation_config")
+    if thinking is False and switchable and (model_type or "").startswith("qwen3"):
+        sampling = dict(NON_THINKING, source="the model card's for thinking off")
+    return sampling
+
+
 # Each check returns an error message, or None when the value is fine.
 
 def check_temperature(value):

@@ -86,8 +86,8 @@ def interrupt_after(monkeypatch):
 
         original, pieces = ReplyView.append, []
 
-        def append_then_interrupt(view, piece):
-            original(view, piece)
+        def append_then_interrupt(view, piece, tokens=None):
+            original(view, piece, tokens)
             pieces.append(piece)
             if len(pieces) == count:
                 os.kill(os.getpid(), signal.SIGINT)

@@ -96,8 +96,8 @@ def test_json_round_trip_keeps_system_and_chinese_text():
     [
         ("{not json", "not valid JSON"),
         ('{"role": "user", "content": "hi"}', "expected a JSON list"),
-        ('[{"role": "user"}]', "exactly the keys"),
-        ('[{"role": "user", "content": "hi", "extra": 1}]', "exactly the keys"),
+        ('[{"role": "user"}]', "must be an object with the keys"),
+        ('[{"role": "user", "content": "hi", "extra": 1}]', "must be an object with the keys"),
         ('[{"role": "robot", "content": "hi"}]', "unknown role"),
         ('[{"role": "user", "content": 3}]', "not a string"),
         ('[{"role": "assistant", "content": "hi"}]', "alternate"),

@@ -51,8 +51,11 @@ def turns(tokenizer, *texts):
 
 def test_graph_equals_eager_and_a_plain_forward(nf4):
     family, loaded = nf4
-    model, tokenizer, graphed = loaded.model, loaded.tokenizer, loaded.engine
-    assert graphed.name == "static KV cache + CUDA graph"
+    model, tokenizer, fast = loaded.model, loaded.tokenizer, loaded.engine
+    moe = "moe" in family or family == "qwen3_next"
+    # Mixture-of-experts layers route on the host: no graph, said in the summary line.
+    assert fast.name == ("static KV cache" if moe else "static KV cache + CUDA graph")
+    assert ("no CUDA graph" in loaded.summary()) == moe
     eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False)
     reply = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
     bound = 1e-3 if model.dtype == torch.float32 else 2e-2
@@ -61,26 +64,51 @@ def test_graph_equals_eager_and_a_plain_forward(nf4):
         turns(tokenizer, "介绍广州这座城市", "广州是广东省的省会。", "它有什么好吃的美食吗?"),  # reuses the cache
         turns(tokenizer, "它有什么好吃的美食吗?", "早茶和虾饺。", "还有呢?"),  # window moved: rebuilt
     ]:
-        graph_logits = forced_logits(graphed, prompt, reply).float()
-        assert relative_error(graph_logits, forced_logits(eager, prompt, reply).float()) < bound, family
-        assert relative_error(graph_logits, reference_logits(model, prompt, reply).float()) < bound, family
+        fast_logits = forced_logits(fast, prompt, reply).float()
+        assert relative_error(fast_logits, forced_logits(eager, prompt, reply).float()) < bound, family
+        assert relative_error(fast_logits, reference_logits(model, prompt, reply).float()) < bound, family
     eager.close()
 
 
+def reply_to(engine, messages, settings, continue_final=False):
+    stream = engine.start(messages, settings, continue_final=continue_final)
+    for _ in stream:
+        pass
+    return stream.result
+
+
 def test_greedy_turns_regenerate_and_continue_equal_generate(nf4):
+    """Greedy tokens equal generate's in float32. In half precision two correct paths may round apart,
+    so there the fast engine's logits, teacher-forced on generate's reply through the same cache reuse,
+    must stay within the half-precision bound."""
     family, loaded = nf4
-    fast, classic = loaded.engine, GenerateEngine(loaded.model, loaded.tokenizer)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fast, classic = loaded.engine, GenerateEngine(model, tokenizer)
     settings = GenerationSettings(do_sample=False, max_new_tokens=24)
+    exact = model.dtype == torch.float32
+
+    def check(messages, continue_final=False):
+        expected = reply_to(classic, messages, settings, continue_final)
+        if exact:
+            got = reply_to(fast, messages, settings, continue_final)
+            assert got.token_ids == expected.token_ids, (family, messages[-1])
+        else:
+            got = reply_to(fast, messages, settings, continue_final)  # leaves the cache as a real turn does
+            prompt = prompt_ids(tokenizer, messages, continue_final)
+            forced = forced_logits(fast, prompt, expected.token_ids[:-1]).float()
+            assert relative_error(forced, reference_logits(model, prompt, expected.token_ids[:-1]).float()) < 2e-2, family
+        return expected
+
     history, cached = [], []
     for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello! How are you today?"]:
         history.append({"role": "user", "content": question})
-        expected = generate_reply(classic, history, settings)
-        reply = generate_reply(fast, history, settings)
-        assert reply.token_ids == expected.token_ids, (family, question)
-        again = generate_reply(fast, history, settings)  # regenerate: the same prompt once more
-        assert again.token_ids == expected.token_ids and again.cached_tokens > 0, family
-        cached.append(reply.cached_tokens)
-        history.append({"role": "assistant", "content": reply.text})
+        expected = check(history)
+        cached.append(fast.reused)
+        again = reply_to(fast, history, settings)  # regenerate: the same prompt once more
+        assert again.cached_tokens > 0, family
+        if exact:
+            assert again.token_ids == expected.token_ids, family
+        history.append({"role": "assistant", "content": expected.text})
     assert all(c > 0 for c in cached[1:]), (family, cached)
     partial = history[:-1] + [{"role": "assistant", "content": history[-1]["content"][:5]}]
-    assert generate_reply(fast, partial, settings).token_ids == generate_reply(classic, partial, settings).token_ids
+    check(partial, continue_final=True)
