@@ -34,19 +34,22 @@ def history_table(conversation, loaded, settings, options, max_turns):
     rows = []
     system = conversation.system or (options.default_system if options else None)
     if system:
-        rows.append(("", "system", system, True))
+        rows.append(("", "system", system, True, None))
     for index, message in enumerate(conversation.messages):
         turn = index // 2 + 1
         role = message["role"] + UNFINISHED.get(message.get("unfinished"), "")
-        rows.append((str(turn), role, message["content"], turn > first_sent))
+        rows.append((str(turn), role, message["content"], turn > first_sent, message.get("reasoning_content")))
 
-    def tokens(text):
-        return str(count_text_tokens(loaded.tokenizer, text)) if loaded is not None else "–"
+    def tokens(text, reasoning=None):
+        if loaded is None:
+            return "–"
+        count = str(count_text_tokens(loaded.tokenizer, text))
+        return f"{count} (+{count_text_tokens(loaded.tokenizer, reasoning)} thinking)" if reasoning else count
 
     if not rows:
         return "*The conversation is empty.*", "The conversation is empty."
     header = ["turn", "role", "tokens", "in window", "message"]
-    table = [[turn, role, tokens(text), "✓" if inside else "", _preview(text)] for turn, role, text, inside in rows]
+    table = [[turn, role, tokens(text, reasoning), "✓" if inside else "", _preview(text)] for turn, role, text, inside, reasoning in rows]
     summary = f"{exchanges} exchange{'s' if exchanges != 1 else ''}; the next question sends the last {sent}."
     escape = lambda cell: cell.replace("|", "\\|")
     markdown = "\n".join(

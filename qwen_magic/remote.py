@@ -94,6 +94,24 @@ class RemoteModel:
                 f"{self.seconds:.1f} s · engine: {self.engine.name}")
 
 
+class ReasoningTags:
+    """A server with a reasoning parser sends the thinking apart (``delta.reasoning_content``, or
+    ``delta.reasoning`` in newer vLLM); put it back in ``<think>`` tags, so one reader serves all."""
+
+    def __init__(self):
+        self.thinking = False
+
+    def pieces(self, delta):
+        extra = getattr(delta, "model_extra", None) or {}
+        reasoning = getattr(delta, "reasoning_content", None) or extra.get("reasoning_content") or extra.get("reasoning")
+        if reasoning:
+            yield reasoning if self.thinking else "<think>" + reasoning
+            self.thinking = True
+        if delta.content:
+            yield ("</think>" + delta.content) if self.thinking else delta.content
+            self.thinking = False
+
+
 class RemoteEngine:
     name = "OpenAI-compatible server"
 
@@ -117,6 +135,8 @@ class RemoteEngine:
             extra["repetition_penalty"] = settings.repetition_penalty
         if continue_final:
             extra.update(continue_final_message=True, add_generation_prompt=False)
+        if settings.thinking is not None:  # what vLLM and SGLang pass to the chat template
+            extra["chat_template_kwargs"] = {"enable_thinking": settings.thinking}
         if extra:
             body["extra_body"] = extra
             if not self.noted_extras and set(extra) & {"top_k", "repetition_penalty"}:
@@ -130,6 +150,8 @@ class RemoteEngine:
         info = {}
         prompt_tokens = len(self.tokenizer(str(messages))["input_ids"])  # replaced by the server's count when given
 
+        tags = ReasoningTags()
+
         def produce(emit, stop_event):
             try:
                 stream = self.client.chat.completions.create(**body)
@@ -139,8 +161,9 @@ class RemoteEngine:
                             info["prompt_tokens"] = chunk.usage.prompt_tokens
                             info["completion_tokens"] = chunk.usage.completion_tokens
                         for choice in chunk.choices or []:
-                            if choice.delta and choice.delta.content:
-                                emit(choice.delta.content)
+                            if choice.delta:
+                                for piece in tags.pieces(choice.delta):
+                                    emit(piece)
                             if choice.finish_reason:
                                 info["finish_reason"] = choice.finish_reason
                         if stop_event.is_set():
@@ -152,7 +175,10 @@ class RemoteEngine:
                     return
                 raise explain(error, self.url, self.model, self.api_key_env) from None
 
-        return ReplyStream(None, prompt_tokens, produce, max_new_tokens=settings.max_new_tokens, end_ids=set(), info=info)
+        # Whether the server's template opened a think block is not known here: None lets the
+        # reply's own tags decide (a closing tag alone ends the reasoning).
+        return ReplyStream(None, prompt_tokens, produce, max_new_tokens=settings.max_new_tokens, end_ids=set(), info=info,
+                           opens_thinking=None)
 
     def close(self):
         self.client = None
