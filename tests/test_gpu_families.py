@@ -9,7 +9,7 @@ import torch
 
 from qwen_magic import loader
 from qwen_magic.engine import GenerateEngine, generate_reply
-from qwen_magic.fast import FastEngine
+from qwen_magic.fast import FastEngine, cache_keyword
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from qwen_magic.tiny import available_families
@@ -49,6 +49,18 @@ def turns(tokenizer, *texts):
     return prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
 
 
+def incremental_logits(model, prompt, continuation):
+    """The classic recipe's own path: a dynamic cache fed one token at a time."""
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt], device=model.device), use_cache=True)
+        rows = [out.logits[:, -1]]
+        for token in continuation:
+            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+            out = model(torch.tensor([[token]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
+            rows.append(out.logits[:, -1])
+    return torch.cat(rows)
+
+
 def test_graph_equals_eager_and_a_plain_forward(nf4):
     family, loaded = nf4
     model, tokenizer, fast = loaded.model, loaded.tokenizer, loaded.engine
@@ -66,7 +78,12 @@ def test_graph_equals_eager_and_a_plain_forward(nf4):
     ]:
         fast_logits = forced_logits(fast, prompt, reply).float()
         assert relative_error(fast_logits, forced_logits(eager, prompt, reply).float()) < bound, family
-        assert relative_error(fast_logits, reference_logits(model, prompt, reply).float()) < bound, family
+        reference = reference_logits(model, prompt, reply).float()
+        if model.dtype != torch.float32:
+            # As in test_gpu.py: in half precision the fast path may differ from a plain forward no
+            # more than the classic recipe's own token-by-token path does (MoE routing amplifies rounding).
+            bound = max(bound, 1.5 * relative_error(incremental_logits(model, prompt, reply).float(), reference))
+        assert relative_error(fast_logits, reference) < bound, family
     eager.close()
 
 
