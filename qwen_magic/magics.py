@@ -105,10 +105,10 @@ class QwenMagics(Magics):
             return self._connect(args.server or self.server, args.model_name, args.api_key_env)
         from . import loader
 
-        self._free_model()  # the old model goes first: two rarely fit on one GPU
-        try:
-            self.loaded = loader.load(
-                args.model_name or self.model,
+        name = args.model_name or self.model
+        try:  # everything that can be checked is checked while the old model still works
+            plan = loader.prepare(
+                name,
                 bits=args.bits or self.bits,
                 dtype=args.dtype,
                 device_map=args.device_map,
@@ -117,7 +117,15 @@ class QwenMagics(Magics):
                 engine=args.engine or self.engine,
             )
         except loader.LoadError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(str(error) + self._still_loaded()) from None
+        except KeyboardInterrupt:
+            print("Loading interrupted before anything changed." + self._still_loaded())
+            return
+        self._free_model()  # the old model goes now: two rarely fit on one GPU
+        try:
+            self.loaded = loader.load_prepared(plan)
+        except loader.LoadError as error:
+            raise UsageError(f"{error} No model is loaded now.") from None
         except KeyboardInterrupt:
             loader.free(None)
             print("Loading interrupted: no model is loaded.")
@@ -134,11 +142,15 @@ class QwenMagics(Magics):
                 names = remote.list_models(url, api_key_env)
                 print(f"Models at {url}: {', '.join(names) or '(none)'}. Load one with %qwen_load --server {url} MODEL.")
                 return
-            self._free_model()
-            self.loaded = remote.connect(url, model, api_key_env)
+            connected = remote.connect(url, model, api_key_env)
         except QwenError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(str(error) + self._still_loaded()) from None
+        self._free_model()  # only once the server has answered: a wrong URL keeps the model that works
+        self.loaded = connected
         print(self.loaded.summary())
+
+    def _still_loaded(self):
+        return f" {self.loaded.name} is still loaded." if self.loaded is not None else ""
 
     @line_magic
     def qwen_unload(self, line):

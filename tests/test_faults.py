@@ -2,7 +2,9 @@
 
 import importlib.util
 import json
+import os
 
+import pytest
 import torch
 from IPython.utils.capture import capture_output
 from helpers import ask, usage_error
@@ -114,3 +116,110 @@ def test_nothing_from_a_model_repository_runs_without_trust_remote_code(ip, qwen
     assert seen["trust_remote_code"] is False
     ip.run_line_magic("qwen_load", f"{tiny_model_dir} --trust-remote-code")
     assert seen["trust_remote_code"] is True
+
+
+# --- a mistyped %qwen_load keeps the model that works
+
+
+def _encoder_only(path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(path)
+    return path
+
+
+def _no_weights(path, tiny):
+    import shutil
+
+    shutil.copytree(tiny, path)
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            os.unlink(os.path.join(path, name))
+    return path
+
+
+def _no_tokenizer(path, tiny):
+    import shutil
+
+    shutil.copytree(tiny, path)
+    for name in os.listdir(path):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            os.unlink(os.path.join(path, name))
+    return path
+
+
+def _offline(monkeypatch):
+    """No network, as offline: any host but this machine fails to resolve (the Hub included)."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("case", ["missing", "misspelt-hub-id", "no-config", "encoder-only", "no-weights", "no-tokenizer", "bits-4-no-bitsandbytes"])
+def test_a_bad_load_keeps_the_model_that_works(ip, chat, tiny_model_dir, tmp_path, monkeypatch, case):
+    ask(ip, "one")
+    loaded, before = chat.loaded, chat.conversation.to_json()
+    target, expected = {
+        "missing": ("/nonexistent/model/dir", "No such directory: /nonexistent/model/dir"),
+        "misspelt-hub-id": ("Qwen/Qwen2.5-7B-Instruc", "Could not load Qwen/Qwen2.5-7B-Instruc: "),
+        "no-config": (str(tmp_path), f"{tmp_path} has no config.json: it is not a model directory."),
+        "encoder-only": (str(tmp_path / "bert"), f"{tmp_path / 'bert'} is a bert model, not a causal language model"),
+        "no-weights": (str(tmp_path / "empty"), f"{tmp_path / 'empty'} has a config.json but no weights"),
+        "no-tokenizer": (str(tmp_path / "notok"), f"Could not load the tokenizer of {tmp_path / 'notok'}: "),
+        "bits-4-no-bitsandbytes": (f"{tiny_model_dir} --bits 4", "--bits 4 needs bitsandbytes: run %pip install bitsandbytes"),
+    }[case]
+    if case == "misspelt-hub-id":
+        _offline(monkeypatch)
+    elif case == "encoder-only":
+        _encoder_only(tmp_path / "bert")
+    elif case == "no-weights":
+        _no_weights(tmp_path / "empty", tiny_model_dir)
+    elif case == "no-tokenizer":
+        _no_tokenizer(tmp_path / "notok", tiny_model_dir)
+    elif case == "bits-4-no-bitsandbytes":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    message = usage_error(ip.run_line_magic, "qwen_load", target)
+    assert message.startswith(expected) and message.endswith(f" {tiny_model_dir} is still loaded.")
+    monkeypatch.undo()
+    assert chat.loaded is loaded and chat.loaded.model is not None  # the same model, not a reload
+    ask(ip, "two")
+    assert [m["content"] for m in chat.conversation.messages[::2]] == ["one", "two"]
+    assert chat.conversation.to_json()[:2] == before
+
+
+def test_a_bad_server_keeps_the_model_that_works(ip, chat, tiny_model_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loaded = chat.loaded
+    message = usage_error(ip.run_line_magic, "qwen_load", f"--server http://127.0.0.1:{port}/v1 some-model")
+    assert message.startswith(f"Cannot reach a server at http://127.0.0.1:{port}/v1") and message.endswith("is still loaded.")
+    assert chat.loaded is loaded
+    ask(ip, "still here?")
+
+
+def test_out_of_memory_after_the_checks_says_no_model_is_loaded(ip, chat, tiny_model_dir, monkeypatch):
+    ask(ip, "one")
+    from transformers import AutoModelForCausalLM
+
+    def too_big(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", too_big)
+    message = usage_error(ip.run_line_magic, "qwen_load", tiny_model_dir)
+    assert message.startswith(f"Out of GPU memory loading {tiny_model_dir}: ") and message.endswith(" No model is loaded now.")
+    assert chat.loaded is None
+    assert usage_error(ip.run_cell_magic, "qwen", "", "two").startswith("No model is loaded")
+    assert len(chat.conversation.messages) == 2  # the conversation stays for the next model
