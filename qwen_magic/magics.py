@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
-from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Float, Int, TraitError, Unicode, observe, validate
 
 from .conversation import Conversation, HistoryError, PromptTooLong
 from .display import MarkdownText, ReplyView
@@ -48,6 +48,7 @@ class QwenMagics(Magics):
     engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
     context_budget = Int(None, allow_none=True, help="Most tokens one piece of notebook context ({Out[7]}, --with ...) may take; longer ones keep head and tail. None: an eighth of max_context_tokens.").tag(config=True)
     server = Unicode(None, allow_none=True, help="URL of an OpenAI-compatible server (e.g. http://gpu-box:8000/v1) that %qwen_load connects to instead of loading a model into the kernel.").tag(config=True)
+    server_timeout = Float(60.0, help="Seconds to wait for a server's answer, or for the next piece of a streamed reply, before giving up (the stop button ends the wait at once).").tag(config=True)
     autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
@@ -73,6 +74,18 @@ class QwenMagics(Magics):
         if proposal["value"] not in ENGINES:
             raise TraitError(f"engine must be one of {', '.join(ENGINES)}, not {proposal['value']!r}")
         return proposal["value"]
+
+    @validate("server_timeout")
+    def _check_server_timeout(self, proposal):
+        if not proposal["value"] > 0:
+            raise TraitError(f"server_timeout must be more than 0 seconds, not {proposal['value']}")
+        return proposal["value"]
+
+    @observe("server_timeout")
+    def _server_timeout_changed(self, change):
+        engine = getattr(self.loaded, "engine", None)
+        if hasattr(engine, "timeout"):  # a server's engine: from its next request on
+            engine.timeout = change["new"]
 
     @validate(*CHECKS)
     def _check_setting(self, proposal):
@@ -139,10 +152,10 @@ class QwenMagics(Magics):
 
         try:
             if not model:
-                names = remote.list_models(url, api_key_env)
+                names = remote.list_models(url, api_key_env, timeout=self.server_timeout)
                 print(f"Models at {url}: {', '.join(names) or '(none)'}. Load one with %qwen_load --server {url} MODEL.")
                 return
-            connected = remote.connect(url, model, api_key_env)
+            connected = remote.connect(url, model, api_key_env, timeout=self.server_timeout)
         except QwenError as error:
             raise UsageError(str(error) + self._still_loaded()) from None
         self._free_model()  # only once the server has answered: a wrong URL keeps the model that works
