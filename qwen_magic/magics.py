@@ -379,11 +379,15 @@ class QwenMagics(Magics):
 
         try:
             write_atomic(self.autosave, dumps_all(self.conversations))
-            self._autosave_failed = None
         except OSError as error:
             if self._autosave_failed != self.autosave:
                 self._autosave_failed = self.autosave
-                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); the chat goes on unsaved.")
+                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); "
+                      "the chat goes on unsaved, and what was saved there before is untouched.")
+            return
+        if self._autosave_failed == self.autosave:
+            print(f"Autosaving to {self.autosave} works again.")
+        self._autosave_failed = None
 
     def _code_to_next_cell(self, text):
         import re

@@ -1,8 +1,10 @@
 """Faults: each ends in one clear line, with the conversation and the loaded model as they were."""
 
+import contextlib
 import importlib.util
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +225,90 @@ def test_out_of_memory_after_the_checks_says_no_model_is_loaded(ip, chat, tiny_m
     assert chat.loaded is None
     assert usage_error(ip.run_cell_magic, "qwen", "", "two").startswith("No model is loaded")
     assert len(chat.conversation.messages) == 2  # the conversation stays for the next model
+
+
+# --- autosave under faults: one warning, the chat goes on, the last good file stays intact
+
+
+def _autosaving(ip, chat, path):
+    ip.run_line_magic("config", f"QwenMagics.autosave = {str(path)!r}")
+    ask(ip, "one")
+    return path.read_text(encoding="utf-8")
+
+
+def _questions(chat):
+    return [m["content"] for m in chat.conversation.messages[::2]]
+
+
+def test_autosave_on_a_full_disk(ip, chat, tmp_path):
+    import resource
+    import signal
+
+    path = tmp_path / "chats.json"
+    good = _autosaving(ip, chat, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(good.encode()) + 64, hard))  # no room for two more exchanges
+    try:
+        with capture_output() as shown:
+            ip.run_cell_magic("qwen", "", "two")
+            ip.run_cell_magic("qwen", "", "three")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert shown.stdout.count("Warning: cannot autosave") == 1
+    assert f"Warning: cannot autosave to {path} (File too large); the chat goes on unsaved" in shown.stdout
+    assert path.read_text(encoding="utf-8") == good
+    assert os.listdir(tmp_path) == ["chats.json"]  # no temporary file left behind
+    assert _questions(chat) == ["one", "two", "three"]
+    with capture_output() as shown:  # room again: it saves again, and says so
+        ip.run_cell_magic("qwen", "", "four")
+    assert f"Autosaving to {path} works again." in shown.stdout
+    assert [m["content"] for m in json.loads(path.read_text(encoding="utf-8"))["conversations"][""]][::2] == ["one", "two", "three", "four"]
+
+
+def test_autosave_to_a_read_only_directory(ip, chat):
+    import contextlib
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp()  # under /tmp, which anyone may cross, for the unprivileged case below
+    try:
+        os.chmod(folder, 0o755)
+        path = Path(folder) / "chats.json"
+        good = _autosaving(ip, chat, path)
+        os.chmod(folder, 0o555)
+        # Root writes anywhere: as root, drop to an unprivileged user for the turns (seteuid can be undone).
+        unprivileged = _as_user(65534) if os.geteuid() == 0 else contextlib.nullcontext()
+        with capture_output() as shown, unprivileged:
+            ip.run_cell_magic("qwen", "", "two")
+            ip.run_cell_magic("qwen", "", "three")
+        assert shown.stdout.count("Warning: cannot autosave") == 1 and "(Permission denied)" in shown.stdout
+        assert path.read_text(encoding="utf-8") == good and os.listdir(folder) == ["chats.json"]
+        assert _questions(chat) == ["one", "two", "three"]
+    finally:
+        os.chmod(folder, 0o755)
+        shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def _as_user(uid):
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_autosave_path_replaced_by_a_directory(ip, chat, tmp_path):
+    path = tmp_path / "chats.json"
+    _autosaving(ip, chat, path)
+    path.unlink()
+    path.mkdir()
+    with capture_output() as shown:
+        ip.run_cell_magic("qwen", "", "two")
+        ip.run_cell_magic("qwen", "", "three")
+    assert shown.stdout.count("Warning: cannot autosave") == 1 and "(Is a directory)" in shown.stdout
+    assert os.listdir(tmp_path) == ["chats.json"] and os.listdir(path) == []
+    assert _questions(chat) == ["one", "two", "three"]
+
