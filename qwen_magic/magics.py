@@ -8,7 +8,7 @@ import json
 import os
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 from traitlets import Bool, Float, Int, TraitError, Unicode, observe, validate
@@ -200,6 +200,7 @@ class QwenMagics(Magics):
     @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
     @argument("--chat", metavar="NAME", default="", help="talk in conversation NAME (created on first use)")
     @line_cell_magic
+    @no_var_expand  # {Out[7]} and {name} are ours to look up; IPython would evaluate them as Python
     def qwen(self, line, cell=None):
         """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE.
 

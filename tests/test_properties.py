@@ -118,6 +118,25 @@ def test_the_magic_sends_a_message_or_refuses_it_in_one_line(ip, chat, text):
         assert type(error) is UsageError and "\n" not in str(error) and str(error).endswith("; nothing was sent.")
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts)
+@example("{__import__('os').system('echo pwned')}")
+@example("$HOME {x}")
+def test_the_magics_line_is_never_evaluated_by_ipython(ip, qwen, text):
+    """IPython expands {expression} and $name in a magic's line, by evaluating it; not in ours."""
+    from IPython.core.error import UsageError
+
+    seen = []
+    _evaluating.append(seen)
+    try:
+        for call in (lambda: ip.run_line_magic("qwen", text), lambda: ip.run_cell_magic("qwen", text, "hi")):
+            with pytest.raises(UsageError):  # no model is loaded (or the line is not flags): refused, not run
+                call()
+    finally:
+        _evaluating.pop()
+    assert seen == []
+
+
 # --- history files
 
 json_values = st.recursive(
