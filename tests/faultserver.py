@@ -12,6 +12,7 @@ Set ``mode`` before a request:
     eof           two pieces, then a clean end of the body with no finish reason and no [DONE]
     garbage       two pieces, then an event that is not JSON
     stall         two pieces, then silence until ``release`` is set (or 60 s pass)
+    queue         silence before the response's headers (a server that queued the request), likewise
 
 ``key``: when set, requests without ``Authorization: Bearer KEY`` get 401.
 """
@@ -96,6 +97,25 @@ def _handler(server: FaultServer):
         def _event(self, data):
             self._send(b"data: " + (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n\n")
 
+        def _wait_for_release(self):
+            """Say nothing until the test releases us; False (and note it) if the client goes away first."""
+            deadline = time.monotonic() + 60
+            while not server.release.wait(0.05) and time.monotonic() < deadline:
+                try:  # a client that went away shows as a readable socket with nothing to read
+                    self.connection.setblocking(False)
+                    gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                except BlockingIOError:
+                    gone = False
+                except OSError:
+                    gone = True
+                finally:
+                    self.connection.setblocking(True)
+                if gone:
+                    server.disconnected.set()
+                    self.close_connection = True
+                    return False
+            return True
+
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             if self._refused():
@@ -105,6 +125,8 @@ def _handler(server: FaultServer):
                 return
             server.requests.append(body)
             mode = server.mode
+            if mode == "queue" and not self._wait_for_release():
+                return
             if mode == "status":
                 self._json(500, {"error": {"message": "the engine failed", "type": "server_error"}})
                 return
@@ -128,23 +150,8 @@ def _handler(server: FaultServer):
                 self.connection.shutdown(socket.SHUT_RDWR)  # mid-body, no terminating chunk
                 self.close_connection = True
                 return
-            elif mode == "stall":
-                deadline = time.monotonic() + 60
-                while not server.release.wait(0.05) and time.monotonic() < deadline:
-                    try:  # a client that went away shows as a readable socket with nothing to read
-                        self.connection.setblocking(False)
-                        if self.connection.recv(1, socket.MSG_PEEK) == b"":
-                            server.disconnected.set()
-                            self.close_connection = True
-                            return
-                    except BlockingIOError:
-                        pass
-                    except OSError:
-                        server.disconnected.set()
-                        self.close_connection = True
-                        return
-                    finally:
-                        self.connection.setblocking(True)
+            elif mode == "stall" and not self._wait_for_release():
+                return
             self._send(b"")  # the terminating chunk: the body ends cleanly
             self.close_connection = True
 

@@ -143,3 +143,31 @@ def test_a_key_refused_in_the_middle_of_a_session(ip, connected, fault, monkeypa
     message, _ = fails(ip, "two")
     assert message.startswith("The server refused the API key (401): put the right key in the environment variable OPENAI_API_KEY")
     assert connected.conversation.to_json() == before
+
+
+def test_a_server_that_never_starts_its_answer(ip, connected, fault):
+    ip.run_line_magic("config", "QwenMagics.server_timeout = 1")
+    fault.reset("queue")
+    started = time.monotonic()
+    message, _ = fails(ip, "one")
+    assert time.monotonic() - started < 10
+    assert message.startswith(f"The server at {fault.url} sent nothing for 1 s: is it stalled or overloaded?")
+    assert connected.conversation.messages == []
+
+
+def test_the_stop_button_before_the_server_starts_its_answer(ip, connected, fault):
+    import os
+    import signal
+    import threading
+
+    fault.reset("queue")
+    stop = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # the stop button, a second in
+    started = time.monotonic()
+    stop.start()
+    try:
+        shown = ask(ip, "one")
+    finally:
+        stop.cancel()
+    assert time.monotonic() - started < 10
+    assert "interrupted before the first token; the conversation is unchanged" in shown.outputs[-1].data["text/markdown"]
+    assert connected.conversation.messages == []
