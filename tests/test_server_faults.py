@@ -171,3 +171,40 @@ def test_the_stop_button_before_the_server_starts_its_answer(ip, connected, faul
     assert time.monotonic() - started < 10
     assert "interrupted before the first token; the conversation is unchanged" in shown.outputs[-1].data["text/markdown"]
     assert connected.conversation.messages == []
+
+
+@pytest.mark.kernel
+def test_the_kernels_stop_button_ends_a_stalled_stream(fault, tiny_model_dir):
+    """The same, in a real kernel: the interrupt a front end's stop button sends."""
+    import json
+
+    pytest.importorskip("jupyter_client")
+    from jupyter_client.manager import start_new_kernel
+    from test_kernel import execute, final_markdown, stdout
+
+    fault.reset("stall")
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        for code in ["%load_ext qwen_magic", "%config QwenMagics.server_timeout = 30",
+                     f"%qwen_load --server {fault.url} {tiny_model_dir}"]:
+            messages, reply = execute(client, code)
+            assert reply["content"]["status"] == "ok", messages
+        pressed = []
+
+        def press_stop_once_text_shows(message):
+            if message["msg_type"] == "update_display_data" and not pressed and "Hello" in message["content"]["data"]["text/plain"]:
+                pressed.append(time.monotonic())
+                manager.interrupt_kernel()
+
+        messages, reply = execute(client, "%%qwen\nWrite forever.", press_stop_once_text_shows)
+        assert pressed and time.monotonic() - pressed[0] < 10  # not server_timeout's 30 s
+        assert reply["content"]["status"] == "ok" and not [m for m in messages if m["msg_type"] == "error"]
+        markdown = final_markdown(messages)
+        assert markdown.startswith("Hello") and "interrupted" in markdown
+        messages, _ = execute(client, "%qwen_history --json")
+        saved = json.loads(stdout(messages))
+        assert [m["role"] for m in saved] == ["user", "assistant"] and saved[1]["content"] in ("Hello", "Hello, ")
+    finally:
+        fault.release.set()
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
