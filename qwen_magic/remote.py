@@ -196,9 +196,9 @@ class RemoteEngine:
                 for chunk in stream:
                     if stop_event.is_set():
                         break  # the user interrupted: close the stream, keep what came
-                    if chunk.usage is not None:
-                        info["prompt_tokens"] = chunk.usage.prompt_tokens
-                        info["completion_tokens"] = chunk.usage.completion_tokens
+                    for key in ("prompt_tokens", "completion_tokens"):  # the server's own counts, where it gives them
+                        if getattr(chunk.usage, key, None) is not None:
+                            info[key] = getattr(chunk.usage, key)
                     for choice in chunk.choices or []:
                         if choice.delta and choice.delta.content:
                             emit(choice.delta.content)

@@ -6,6 +6,7 @@ Set ``mode`` before a request:
 
     ok            the pieces, a finish reason, a usage chunk, [DONE]
     no-usage      as ok, without the usage chunk
+    null-usage    as ok, with a usage chunk whose counts are null (some servers send that)
     status        500 with a JSON error body, before any stream
     error-event   two pieces, then an event carrying an error object
     cut           two pieces, then the connection is dropped mid-body (a crashed process)
@@ -134,13 +135,15 @@ def _handler(server: FaultServer):
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            pieces = server.pieces if mode in ("ok", "no-usage") else server.pieces[:2]
+            pieces = server.pieces if mode in ("ok", "no-usage", "null-usage") else server.pieces[:2]
             for piece in pieces:
                 self._event(_chunk(piece))
-            if mode in ("ok", "no-usage"):
+            if mode in ("ok", "no-usage", "null-usage"):
                 self._event(_chunk(finish="stop"))
                 if mode == "ok":
                     self._event({**_chunk(), "choices": [], "usage": server.usage})
+                elif mode == "null-usage":
+                    self._event({**_chunk(), "choices": [], "usage": {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}})
                 self._event(b"[DONE]")
             elif mode == "error-event":
                 self._event({"error": {"message": "the engine died", "type": "server_error"}})

@@ -51,8 +51,9 @@ def test_a_whole_reply_with_the_servers_usage(ip, connected, fault):
     assert "4 tokens" in footer and "context 31 / 4,096" in footer  # the server's own counts
 
 
-def test_without_usage_the_prompt_is_counted_with_the_chat_template(ip, connected, fault, classic):
-    fault.reset("no-usage")
+@pytest.mark.parametrize("mode", ["no-usage", "null-usage"])
+def test_without_usage_the_prompt_is_counted_with_the_chat_template(ip, connected, fault, classic, mode):
+    fault.reset(mode)
     ask(ip, "one")
     shown = ask(ip, "介绍广州这座城市")
     sent = fault.requests[-1]["messages"]
