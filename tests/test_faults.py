@@ -312,3 +312,22 @@ def test_autosave_path_replaced_by_a_directory(ip, chat, tmp_path):
     assert os.listdir(tmp_path) == ["chats.json"] and os.listdir(path) == []
     assert _questions(chat) == ["one", "two", "three"]
 
+
+
+def test_a_one_line_question_may_end_in_a_question_mark(ip, chat):
+    """IPython reads a line that ends in ? as a help request (``name?``); on a %qwen line it is the question's."""
+    with capture_output():
+        result = ip.run_cell("%qwen 它有什么好吃的美食吗?")
+    assert result.success
+    assert chat.conversation.messages[0]["content"] == "它有什么好吃的美食吗?"
+    with capture_output() as shown:
+        ip.run_cell("%qwen?")  # help on the magic itself still works
+    assert "Talk to the loaded model" in shown.stdout
+    with capture_output():
+        ip.run_cell("%%qwen --max-new-tokens 3\n%qwen stays as written?")
+    assert chat.conversation.messages[2]["content"] == "%qwen stays as written?"
+    ip.extension_manager.unload_extension("qwen_magic")
+    assert ip.input_transformers_cleanup.count(__import__("qwen_magic").keep_question_marks) == 0
+    ip.extension_manager.load_extension("qwen_magic")
+    ip.extension_manager.load_extension("qwen_magic")
+    assert ip.input_transformers_cleanup.count(__import__("qwen_magic").keep_question_marks) == 1

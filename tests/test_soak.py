@@ -43,7 +43,7 @@ def turn_code(i):
         return f"print('turn {i}: ' + {FILLER!r} * 3000)\n%qwen Turn {i}: 介绍广州这座城市"
     if i % 10 == 0:
         return f"print('turn {i}')\n%qwen Turn {i}: what did the cell before print? {{Stdout[-1]}} It was {{In[-1]}}"
-    return f"print('turn {i}')\n%qwen Turn {i}: 它有什么好吃的美食吗。"  # (a line ending in ? is IPython help)
+    return f"print('turn {i}')\n%qwen Turn {i}: 它有什么好吃的美食吗?"  # IPython would take a final ? for help
 
 
 @pytest.mark.kernel
