@@ -4,6 +4,7 @@ import gc
 import importlib
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -116,6 +117,17 @@ def _check_bitsandbytes(bits: int) -> None:
                         "run %pip install -U bitsandbytes, or load with --bits 16.") from None
 
 
+def _check_device_map(device_map: Optional[str], cuda: bool) -> None:
+    """A CUDA device that is not there fails deep inside loading; say so first."""
+    named = re.fullmatch(r"cuda(?::(\d+))?", (device_map or "").strip())
+    if named is None:
+        return
+    count = torch.cuda.device_count() if cuda else 0
+    if int(named.group(1) or 0) >= count:
+        raise LoadError(f"--device-map {device_map}: this machine has {count or 'no'} CUDA device{'s' if count != 1 else ''}; "
+                        "use --device-map auto (or leave it out).")
+
+
 def prepare(
     name: str,
     *,
@@ -138,6 +150,7 @@ def prepare(
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
     if bits in (4, 8) and cuda:
         _check_bitsandbytes(bits)
+    _check_device_map(device_map, cuda)
     compute = _pick_dtype(dtype, cuda)
 
     try:

@@ -138,7 +138,7 @@ class QwenMagics(Magics):
         try:
             self.loaded = loader.load_prepared(plan)
         except loader.LoadError as error:
-            raise UsageError(f"{error} No model is loaded now.") from None
+            raise UsageError(f"{str(error).rstrip('.')}. No model is loaded now.") from None
         except KeyboardInterrupt:
             loader.free(None)
             print("Loading interrupted: no model is loaded.")

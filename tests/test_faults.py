@@ -165,7 +165,7 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-@pytest.mark.parametrize("case", ["missing", "misspelt-hub-id", "no-config", "encoder-only", "no-weights", "no-tokenizer", "bits-4-no-bitsandbytes"])
+@pytest.mark.parametrize("case", ["missing", "misspelt-hub-id", "no-config", "encoder-only", "no-weights", "no-tokenizer", "bits-4-no-bitsandbytes", "no-such-gpu"])
 def test_a_bad_load_keeps_the_model_that_works(ip, chat, tiny_model_dir, tmp_path, monkeypatch, case):
     ask(ip, "one")
     loaded, before = chat.loaded, chat.conversation.to_json()
@@ -177,6 +177,7 @@ def test_a_bad_load_keeps_the_model_that_works(ip, chat, tiny_model_dir, tmp_pat
         "no-weights": (str(tmp_path / "empty"), f"{tmp_path / 'empty'} has a config.json but no weights"),
         "no-tokenizer": (str(tmp_path / "notok"), f"Could not load the tokenizer of {tmp_path / 'notok'}: "),
         "bits-4-no-bitsandbytes": (f"{tiny_model_dir} --bits 4", "--bits 4 needs bitsandbytes: run %pip install bitsandbytes"),
+        "no-such-gpu": (f"{tiny_model_dir} --device-map cuda:7", "--device-map cuda:7: this machine has "),
     }[case]
     if case == "misspelt-hub-id":
         _offline(monkeypatch)
