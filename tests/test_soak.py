@@ -7,7 +7,6 @@ it must not), and the autosave file is valid after every turn. Each test prints 
 """
 
 import json
-import os
 import statistics
 import sys
 import time
