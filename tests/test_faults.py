@@ -332,3 +332,20 @@ def test_a_one_line_question_may_end_in_a_question_mark(ip, chat):
     ip.extension_manager.load_extension("qwen_magic")
     ip.extension_manager.load_extension("qwen_magic")
     assert ip.input_transformers_cleanup.count(__import__("qwen_magic").keep_question_marks) == 1
+
+
+def test_interrupt_during_the_checks_keeps_the_model_that_works(ip, chat, tiny_model_dir, monkeypatch):
+    from qwen_magic import loader
+
+    loaded = chat.loaded
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader.AutoTokenizer, "from_pretrained", interrupted)
+    with capture_output() as shown:
+        ip.run_line_magic("qwen_load", tiny_model_dir)
+    assert shown.stdout.strip().endswith(f"Loading interrupted before anything changed. {tiny_model_dir} is still loaded.")
+    monkeypatch.undo()
+    assert chat.loaded is loaded
+    ask(ip, "still here?")
