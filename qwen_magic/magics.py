@@ -83,9 +83,8 @@ class QwenMagics(Magics):
 
     @observe("server_timeout")
     def _server_timeout_changed(self, change):
-        engine = getattr(self.loaded, "engine", None)
-        if hasattr(engine, "timeout"):  # a server's engine: from its next request on
-            engine.timeout = change["new"]
+        if getattr(self.loaded, "url", None):  # a model behind a server: from its next request on
+            self.loaded.engine.timeout = change["new"]
 
     @validate(*CHECKS)
     def _check_setting(self, proposal):
