@@ -1,8 +1,10 @@
 """Load a causal LM and its tokenizer: quantization, dtype, devices; free them again."""
 
 import gc
+import importlib
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -83,7 +85,50 @@ def _gpu_bytes() -> int:
     return sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))
 
 
-def load(
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth")  # weight files a local model directory must hold
+
+
+@dataclass
+class LoadPlan:
+    """Everything checked before the old model is freed: ``load_prepared`` then only loads the weights."""
+
+    name: str
+    source: str
+    config: object
+    tokenizer: object
+    model_kwargs: dict
+    precision: str
+    engine: str
+    started: float
+
+
+def _check_weights(name: str, source: str) -> None:
+    if os.path.isdir(source) and not any(f.endswith(WEIGHTS) for f in os.listdir(source)):
+        raise LoadError(f"{name} has a config.json but no weights (*.safetensors or *.bin): is the download complete?")
+
+
+def _check_bitsandbytes(bits: int) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"--bits {bits} needs bitsandbytes: run %pip install bitsandbytes, or load with --bits 16.")
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as error:  # installed but broken (a CUDA library it cannot find, say)
+        raise LoadError(f"--bits {bits} needs bitsandbytes, which fails to import ({_first_line(error)}): "
+                        "run %pip install -U bitsandbytes, or load with --bits 16.") from None
+
+
+def _check_device_map(device_map: Optional[str], cuda: bool) -> None:
+    """A CUDA device that is not there fails deep inside loading; say so first."""
+    named = re.fullmatch(r"cuda(?::(\d+))?", (device_map or "").strip())
+    if named is None:
+        return
+    count = torch.cuda.device_count() if cuda else 0
+    if int(named.group(1) or 0) >= count:
+        raise LoadError(f"--device-map {device_map}: this machine has {count or 'no'} CUDA device{'s' if count != 1 else ''}; "
+                        "use --device-map auto (or leave it out).")
+
+
+def prepare(
     name: str,
     *,
     bits: int = 4,
@@ -93,17 +138,20 @@ def load(
     trust_remote_code: bool = False,
     engine: str = "auto",
     notify: Callable[[str], None] = print,
-) -> LoadedModel:
+) -> LoadPlan:
+    """Check all that can be checked cheaply: path, config, architecture, tokenizer, weights, bitsandbytes.
+
+    Raises LoadError with one line; nothing is loaded onto a device yet, so a model
+    already loaded can stay while this runs.
+    """
     started = time.perf_counter()
     source = _resolve(name)
     cuda = torch.cuda.is_available()
     common = dict(revision=revision, trust_remote_code=trust_remote_code)
-    if bits in (4, 8) and cuda and importlib.util.find_spec("bitsandbytes") is None:
-        raise LoadError(f"--bits {bits} needs bitsandbytes: run %pip install bitsandbytes, or load with --bits 16.")
+    if bits in (4, 8) and cuda:
+        _check_bitsandbytes(bits)
+    _check_device_map(device_map, cuda)
     compute = _pick_dtype(dtype, cuda)
-    if not cuda and bits != 16:
-        notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
-        bits = 16
 
     try:
         config = AutoConfig.from_pretrained(source, **common)
@@ -113,7 +161,17 @@ def load(
     architectures = getattr(config, "architectures", None) or []
     if architectures and not any(a.endswith(GENERATIVE) for a in architectures):
         raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).")
+    _check_weights(name, source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except Exception as error:  # missing or broken tokenizer files: say so before anything is freed
+        raise LoadError(f"Could not load the tokenizer of {name}: {_first_line(error)}") from None
+    if not tokenizer("Hello", add_special_tokens=False)["input_ids"]:  # newer transformers make an empty one
+        raise LoadError(f"Could not load the tokenizer of {name}: it has no vocabulary (tokenizer.json or vocab files missing?).")
 
+    if not cuda and bits != 16:
+        notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
+        bits = 16
     kwargs = dict(common)
     if bits == 4:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -128,11 +186,16 @@ def load(
     kwargs["dtype"] = compute
     if device_map or cuda:
         kwargs["device_map"] = device_map or "auto"
+    return LoadPlan(name=name, source=source, config=config, tokenizer=tokenizer, model_kwargs=kwargs,
+                    precision=precision, engine=engine, started=started)
 
-    notify(f"Loading {name} ({precision}) …")
+
+def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> LoadedModel:
+    """Load the weights that ``prepare`` checked (the slow part, and the one that takes GPU memory)."""
+    name, config, tokenizer = plan.name, plan.config, plan.tokenizer
+    notify(f"Loading {name} ({plan.precision}) …")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(plan.source, **plan.model_kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).") from None
@@ -152,19 +215,36 @@ def load(
     else:
         devices = str(model.device)
     context = int(getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
-    chosen, note = pick_engine(model, tokenizer, engine, context)
+    chosen, note = pick_engine(model, tokenizer, plan.engine, context)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        precision=precision,
+        precision=plan.precision,
         devices=devices,
         gpu_bytes=_gpu_bytes(),
         context_length=context,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - plan.started,
         engine=chosen,
         engine_note=note,
     )
+
+
+def load(
+    name: str,
+    *,
+    bits: int = 4,
+    dtype: str = "auto",
+    device_map: Optional[str] = None,
+    revision: Optional[str] = None,
+    trust_remote_code: bool = False,
+    engine: str = "auto",
+    notify: Callable[[str], None] = print,
+) -> LoadedModel:
+    """``prepare`` then ``load_prepared``: check, then load."""
+    plan = prepare(name, bits=bits, dtype=dtype, device_map=device_map, revision=revision,
+                   trust_remote_code=trust_remote_code, engine=engine, notify=notify)
+    return load_prepared(plan, notify)
 
 
 def pick_engine(model, tokenizer, wanted: str, context_length: int):

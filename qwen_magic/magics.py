@@ -8,10 +8,10 @@ import json
 import os
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
-from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+from traitlets import Bool, Float, Int, TraitError, Unicode, observe, validate
 
 from .conversation import Conversation, HistoryError, PromptTooLong
 from .display import MarkdownText, ReplyView
@@ -48,6 +48,7 @@ class QwenMagics(Magics):
     engine = Unicode("auto", help="Generation engine for %qwen_load: 'auto' (the fast engine on a GPU, generate elsewhere), 'fast' (static KV cache reused across turns; CUDA graphs on a GPU) or 'generate' (transformers' generate).").tag(config=True)
     context_budget = Int(None, allow_none=True, help="Most tokens one piece of notebook context ({Out[7]}, --with ...) may take; longer ones keep head and tail. None: an eighth of max_context_tokens.").tag(config=True)
     server = Unicode(None, allow_none=True, help="URL of an OpenAI-compatible server (e.g. http://gpu-box:8000/v1) that %qwen_load connects to instead of loading a model into the kernel.").tag(config=True)
+    server_timeout = Float(60.0, help="Seconds to wait for a server's answer, or for the next piece of a streamed reply, before giving up (the stop button ends the wait at once).").tag(config=True)
     autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
@@ -74,6 +75,17 @@ class QwenMagics(Magics):
         if proposal["value"] not in ENGINES:
             raise TraitError(f"engine must be one of {', '.join(ENGINES)}, not {proposal['value']!r}")
         return proposal["value"]
+
+    @validate("server_timeout")
+    def _check_server_timeout(self, proposal):
+        if not proposal["value"] > 0:
+            raise TraitError(f"server_timeout must be more than 0 seconds, not {proposal['value']}")
+        return proposal["value"]
+
+    @observe("server_timeout")
+    def _server_timeout_changed(self, change):
+        if getattr(self.loaded, "url", None):  # a model behind a server: from its next request on
+            self.loaded.engine.timeout = change["new"]
 
     @validate(*CHECKS)
     def _check_setting(self, proposal):
@@ -106,10 +118,10 @@ class QwenMagics(Magics):
             return self._connect(args.server or self.server, args.model_name, args.api_key_env)
         from . import loader
 
-        self._free_model()  # the old model goes first: two rarely fit on one GPU
-        try:
-            self.loaded = loader.load(
-                args.model_name or self.model,
+        name = args.model_name or self.model
+        try:  # everything that can be checked is checked while the old model still works
+            plan = loader.prepare(
+                name,
                 bits=args.bits or self.bits,
                 dtype=args.dtype,
                 device_map=args.device_map,
@@ -118,7 +130,15 @@ class QwenMagics(Magics):
                 engine=args.engine or self.engine,
             )
         except loader.LoadError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(str(error) + self._still_loaded()) from None
+        except KeyboardInterrupt:
+            print("Loading interrupted before anything changed." + self._still_loaded())
+            return
+        self._free_model()  # the old model goes now: two rarely fit on one GPU
+        try:
+            self.loaded = loader.load_prepared(plan)
+        except loader.LoadError as error:
+            raise UsageError(f"{str(error).rstrip('.')}. No model is loaded now.") from None
         except KeyboardInterrupt:
             loader.free(None)
             print("Loading interrupted: no model is loaded.")
@@ -132,14 +152,18 @@ class QwenMagics(Magics):
 
         try:
             if not model:
-                names = remote.list_models(url, api_key_env)
+                names = remote.list_models(url, api_key_env, timeout=self.server_timeout)
                 print(f"Models at {url}: {', '.join(names) or '(none)'}. Load one with %qwen_load --server {url} MODEL.")
                 return
-            self._free_model()
-            self.loaded = remote.connect(url, model, api_key_env)
+            connected = remote.connect(url, model, api_key_env, timeout=self.server_timeout)
         except QwenError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(str(error) + self._still_loaded()) from None
+        self._free_model()  # only once the server has answered: a wrong URL keeps the model that works
+        self.loaded = connected
         print(self.loaded.summary() + self._sampling_note())
+
+    def _still_loaded(self):
+        return f" {self.loaded.name} is still loaded." if self.loaded is not None else ""
 
     @line_magic
     def qwen_unload(self, line):
@@ -178,6 +202,7 @@ class QwenMagics(Magics):
     @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
     @argument("--chat", metavar="NAME", default="", help="talk in conversation NAME (created on first use)")
     @line_cell_magic
+    @no_var_expand  # {Out[7]} and {name} are ours to look up; IPython would evaluate them as Python
     def qwen(self, line, cell=None):
         """Talk to the loaded model: %%qwen [flags] with the message as the cell body, or %qwen MESSAGE.
 
@@ -360,11 +385,15 @@ class QwenMagics(Magics):
 
         try:
             write_atomic(self.autosave, dumps_all(self.conversations))
-            self._autosave_failed = None
         except OSError as error:
             if self._autosave_failed != self.autosave:
                 self._autosave_failed = self.autosave
-                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); the chat goes on unsaved.")
+                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); "
+                      "the chat goes on unsaved, and what was saved there before is untouched.")
+            return
+        if self._autosave_failed == self.autosave:
+            print(f"Autosaving to {self.autosave} works again.")
+        self._autosave_failed = None
 
     def _code_to_next_cell(self, text):
         import re

@@ -13,8 +13,8 @@ from collections import OrderedDict
 from typing import Callable, List, Optional, Tuple
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-REFERENCE = re.compile(r"(?<!\{)\{(In|Out|Err|Stdout)\[(-?\d+)\]\}(?!\})")
-NAME = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+# {In[7]}, {Out[-1]}, {Err[3]}, {Stdout[7]}, or {name}; doubled braces ({{x}}) are not references.
+REFERENCE = re.compile(r"(?<!\{)\{(?:(In|Out|Err|Stdout)\[(-?\d+)\]|([A-Za-z_][A-Za-z0-9_]*))\}(?!\})")
 KEEP_CELLS = 200  # recorded cells kept, newest first out last
 KEEP_CHARS = 100_000  # characters kept of one cell's printed output (head and tail)
 
@@ -224,19 +224,24 @@ class Notebook:
         return f"Variable `{name}`:\n```\n{trim(describe(self.shell.user_ns[name], self.shell))}\n```"
 
     def interpolate(self, text: str, trim: Callable[[str], str]) -> Tuple[str, List[str]]:
-        """``text`` with its references replaced, and the names left as written because they are undefined."""
-        text = REFERENCE.sub(lambda m: trim(self.part(m.group(1), int(m.group(2)))), text)
+        """``text`` with its references replaced, and the names left as written because they are undefined.
+
+        One pass over the text: what a reference brings in (a cell's source, a value) is sent as it
+        is, never scanned for references again.
+        """
         undefined: List[str] = []
 
-        def name(match):
-            key = match.group(1)
+        def fill(match):
+            kind, number, key = match.group(1), match.group(2), match.group(3)
+            if kind is not None:
+                return trim(self.part(kind, int(number)))
             if key in self.shell.user_ns:
                 return trim(describe(self.shell.user_ns[key], self.shell))
             if key not in undefined:
                 undefined.append(key)
             return match.group(0)
 
-        return NAME.sub(name, text), undefined
+        return REFERENCE.sub(fill, text), undefined
 
     def latest_error(self) -> Optional[int]:
         counts = [c for c in self.recorder.errors if c < self.current]

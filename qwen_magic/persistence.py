@@ -39,7 +39,10 @@ def dumps_all(conversations: Dict[str, Conversation]) -> str:
 
 def loads(text: str):
     """A saved conversation (a list) or an autosave file (all conversations by name); validated whole."""
-    data = parse_json(text)
+    try:
+        data = parse_json(text)
+    except RecursionError:  # brackets nested thousands deep
+        raise HistoryError("nested too deeply to be a conversation") from None
     if isinstance(data, dict) and data.get("format") == FORMAT:
         chats = data.get("conversations")
         if not isinstance(chats, dict):

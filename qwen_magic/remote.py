@@ -7,15 +7,19 @@ variable and never shown or saved.
 """
 
 import os
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional
 
 from .engine import ReplyStream
 from .errors import QwenError
+from .prompt import prompt_ids
 from .settings import GenerationSettings
 
-TIMEOUT = 60.0  # seconds without an answer (or a stream without a chunk) before giving up
+TIMEOUT = 60.0  # seconds without an answer (or a stream without a chunk) before giving up: QwenMagics.server_timeout
+POLL = 0.1  # seconds between looks at the stop request while the server is silent
 
 
 class ServerError(QwenError):
@@ -39,21 +43,39 @@ class ApproximateTokenizer:
         return "".join(ids)
 
 
-def _client(url: str, api_key_env: str):
+def _client(url: str, api_key_env: str, timeout: float = TIMEOUT):
     try:
         from openai import OpenAI
     except ImportError:
         raise ServerError('Talking to a server needs the openai client: run %pip install "qwen-magic[server]" (or openai).') from None
-    return OpenAI(base_url=url, api_key=os.environ.get(api_key_env) or "none", timeout=TIMEOUT, max_retries=1)
+    return OpenAI(base_url=url, api_key=os.environ.get(api_key_env) or "none", timeout=timeout, max_retries=1)
 
 
-def explain(error: Exception, url: str, model: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY") -> ServerError:
+def _timed_out(error: BaseException) -> bool:
+    """A read that waited too long, whichever HTTP library (httpx, httpx2) the openai client runs on."""
+    import openai
+
+    return isinstance(error, (openai.APITimeoutError, TimeoutError)) or any("Timeout" in k.__name__ for k in type(error).__mro__)
+
+
+def stalled(url: str, timeout: float) -> ServerError:
+    return ServerError(f"The server at {url} sent nothing for {timeout:g} s: is it stalled or overloaded? "
+                       "The conversation is unchanged; %config QwenMagics.server_timeout = SECONDS waits longer.")
+
+
+def closed_early(url: str) -> ServerError:
+    return ServerError(f"The server at {url} closed the stream before the reply was finished (did it crash, or was "
+                       "the connection cut?); the conversation is unchanged.")
+
+
+def explain(error: Exception, url: str, model: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
+            timeout: float = TIMEOUT) -> ServerError:
     """One line for what went wrong talking to the server, and what to check."""
     import openai
 
     status = getattr(error, "status_code", None)
-    if isinstance(error, openai.APITimeoutError):
-        return ServerError(f"The server at {url} did not answer within {TIMEOUT:.0f} s: is it overloaded or stalled?")
+    if _timed_out(error):
+        return stalled(url, timeout)
     if isinstance(error, openai.APIConnectionError):
         return ServerError(f"Cannot reach a server at {url}: is it running, and is the URL right (it usually ends in /v1)?")
     if status in (401, 403):
@@ -66,12 +88,41 @@ def explain(error: Exception, url: str, model: Optional[str] = None, api_key_env
     return ServerError(f"The server at {url} answered with an error: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
 
 
-def list_models(url: str, api_key_env: str) -> List[str]:
-    client = _client(url, api_key_env)
+def explain_midstream(error: Exception, url: str, timeout: float = TIMEOUT) -> ServerError:
+    """One line for a stream that went wrong after the reply had begun."""
+    import openai
+
+    if _timed_out(error):
+        return stalled(url, timeout)
+    if isinstance(error, ValueError):  # json.JSONDecodeError: an event that is not JSON
+        return ServerError(f"The server at {url} sent an event that is not JSON ({_first_line(error)}); see its log. "
+                           "The conversation is unchanged.")
+    if isinstance(error, openai.APIError) and not isinstance(error, (openai.APIStatusError, openai.APIConnectionError)):
+        return ServerError(f"The server at {url} reported an error in the middle of the reply: {_first_line(error)}. "
+                           "The conversation is unchanged.")
+    return closed_early(url)  # the connection was cut, the server went away
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _shut(stream) -> None:
+    """Shut the stream's socket, so a read blocked on a silent server returns now (and the server stops)."""
+    try:
+        network = stream.response.extensions["network_stream"]
+        network.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+    except Exception:  # an HTTP library without that extension: the reader ends at its timeout instead
+        pass
+
+
+def list_models(url: str, api_key_env: str, timeout: float = TIMEOUT) -> List[str]:
+    client = _client(url, api_key_env, timeout)
     try:
         return [model.id for model in client.models.list()]
     except Exception as error:
-        raise explain(error, url, api_key_env=api_key_env) from None
+        raise explain(error, url, api_key_env=api_key_env, timeout=timeout) from None
 
 
 @dataclass
@@ -115,9 +166,10 @@ class ReasoningTags:
 class RemoteEngine:
     name = "OpenAI-compatible server"
 
-    def __init__(self, url: str, model: str, tokenizer, api_key_env: str = "OPENAI_API_KEY"):
+    def __init__(self, url: str, model: str, tokenizer, api_key_env: str = "OPENAI_API_KEY", timeout: float = TIMEOUT):
         self.url, self.model, self.tokenizer, self.api_key_env = url, model, tokenizer, api_key_env
-        self.client = _client(url, api_key_env)
+        self.timeout = timeout  # QwenMagics.server_timeout, read at each request
+        self.client = _client(url, api_key_env, timeout)
         self.noted_extras = False
 
     def request(self, messages, settings: GenerationSettings, continue_final: bool = False) -> dict:
@@ -148,32 +200,54 @@ class RemoteEngine:
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
         body = self.request(messages, settings, continue_final)
         info = {}
-        prompt_tokens = len(self.tokenizer(str(messages))["input_ids"])  # replaced by the server's count when given
+        # The chat template's tokens (about three characters a token without a tokenizer); the server's usage
+        # figure replaces it when one comes.
+        prompt_tokens = len(prompt_ids(self.tokenizer, messages, continue_final, settings.thinking))
+        client, url, timeout = self.client.with_options(timeout=self.timeout, max_retries=0), self.url, self.timeout
+
+        def read(emit, stop_event, state):
+            """In a thread of its own: a socket read may block for as long as the server is silent."""
+            try:
+                stream = state["stream"] = client.chat.completions.create(**body)
+            except Exception as error:
+                state["error"] = explain(error, url, self.model, self.api_key_env, timeout)
+                return
+            try:
+                for chunk in stream:
+                    if stop_event.is_set():
+                        break  # the user interrupted: close the stream, keep what came
+                    for key in ("prompt_tokens", "completion_tokens"):  # the server's own counts, where it gives them
+                        if getattr(chunk.usage, key, None) is not None:
+                            info[key] = getattr(chunk.usage, key)
+                    for choice in chunk.choices or []:
+                        if choice.delta:
+                            for piece in tags.pieces(choice.delta):
+                                emit(piece)
+                        if choice.finish_reason:
+                            info["finish_reason"] = choice.finish_reason
+                if not stop_event.is_set() and "finish_reason" not in info:
+                    state["error"] = closed_early(url)  # the stream ended, but the reply had not
+            except Exception as error:
+                state["error"] = explain_midstream(error, url, timeout)
+            finally:
+                stream.close()
 
         tags = ReasoningTags()
 
         def produce(emit, stop_event):
-            try:
-                stream = self.client.chat.completions.create(**body)
-                try:
-                    for chunk in stream:
-                        if chunk.usage is not None:
-                            info["prompt_tokens"] = chunk.usage.prompt_tokens
-                            info["completion_tokens"] = chunk.usage.completion_tokens
-                        for choice in chunk.choices or []:
-                            if choice.delta:
-                                for piece in tags.pieces(choice.delta):
-                                    emit(piece)
-                            if choice.finish_reason:
-                                info["finish_reason"] = choice.finish_reason
-                        if stop_event.is_set():
-                            break  # the user interrupted: close the stream, keep what came
-                finally:
-                    stream.close()
-            except Exception as error:
-                if stop_event.is_set():
+            state = {}
+            reader = threading.Thread(target=read, args=(emit, stop_event, state), daemon=True)
+            reader.start()
+            while reader.is_alive():
+                reader.join(POLL)
+                if stop_event.is_set() and reader.is_alive():
+                    # The stop button while the server is silent: end now with what came. Shutting the
+                    # socket wakes the reader (and tells the server to stop); failing that, its timeout ends it.
+                    if "stream" in state:
+                        _shut(state["stream"])
                     return
-                raise explain(error, self.url, self.model, self.api_key_env) from None
+            if "error" in state and not stop_event.is_set():
+                raise state["error"]
 
         # Whether the server's template opened a think block is not known here: None lets the
         # reply's own tags decide (a closing tag alone ends the reasoning).
@@ -184,10 +258,11 @@ class RemoteEngine:
         self.client = None
 
 
-def connect(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", context_length: Optional[int] = None) -> RemoteModel:
+def connect(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", context_length: Optional[int] = None,
+            timeout: float = TIMEOUT) -> RemoteModel:
     """Check the server has ``model``, and find its tokenizer (tokenizer files only) for a token-exact window."""
     started = time.perf_counter()
-    available = list_models(url, api_key_env)  # also checks that the server answers
+    available = list_models(url, api_key_env, timeout)  # also checks that the server answers
     if model not in available:  # some servers (transformers serve, Ollama) load models on demand
         print(f"Note: the server does not list {model!r} (it lists {', '.join(available) or 'nothing'}); it may load it on demand.")
     tokenizer, exact, length = ApproximateTokenizer(), False, context_length or 32768
@@ -198,6 +273,6 @@ def connect(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", context_l
         length = context_length or getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", length)
     except Exception:  # no tokenizer locally or on the Hub: count approximately
         pass
-    engine = RemoteEngine(url, model, tokenizer, api_key_env)
+    engine = RemoteEngine(url, model, tokenizer, api_key_env, timeout)
     return RemoteModel(engine=engine, tokenizer=tokenizer, name=model, url=url, context_length=int(length),
                        exact_window=exact, seconds=time.perf_counter() - started)

@@ -123,3 +123,33 @@ def test_the_api_key_is_never_shown_or_saved(ip, qwen, server, tiny_model_dir, t
     for text in [shown.stdout, shown_reply.stdout, path.read_text(), (tmp_path / "saved.json").read_text(),
                  json.dumps(shown_reply.outputs[-1].data)]:
         assert "sk-secret-123" not in text
+
+
+def test_a_server_that_dies_mid_reply(ip, qwen, endless_model_dir, monkeypatch):
+    """The real server's process killed while it streams: one line, the partial reply shown, no half exchange."""
+    from qwen_magic.display import ReplyView
+
+    port = free_port()
+    process = start_server(port)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        with capture_output():
+            ip.run_line_magic("qwen_load", f"--server {url} {endless_model_dir}")
+        original, pieces = ReplyView.append, []
+
+        def append_then_kill(view, piece):
+            original(view, piece)
+            pieces.append(piece)
+            if len(pieces) == 5:
+                process.kill()  # as a crash would
+
+        monkeypatch.setattr(ReplyView, "append", append_then_kill)
+        with capture_output() as shown:
+            message = usage_error(ip.run_cell_magic, "qwen", "--greedy --max-new-tokens 3000", "Write forever.")
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert message.startswith(f"The server at {url} closed the stream before the reply was finished")
+    assert qwen.conversation.messages == []
+    shown_text = shown.outputs[-1].data["text/markdown"]
+    assert shown_text.startswith("".join(pieces[:5])) and "generation failed; the conversation is unchanged" in shown_text
