@@ -125,10 +125,16 @@ class ReplyView:
     def fail(self) -> None:
         """Mark a reply cut short by an error (the error itself is shown by IPython)."""
         note = "generation failed; the conversation is unchanged"
-        if self.rich and self._handle is not None:
-            self._handle.update(self._render(self.text, f"\n\n<sub>{note}</sub>", f"\n\n({note})"))
-        elif not self.rich and self.live:
+        if self.rich:
+            shown = self._render(self.text, f"\n\n<sub>{note}</sub>", f"\n\n({note})")
+            if self._handle is not None:
+                self._handle.update(shown)
+            elif self.text:  # not streamed (QwenMagics.stream = False): what came is shown now
+                display(shown)
+        elif self.live:
             sys.stdout.write(f"\n({note})\n")
+        elif self.text:
+            sys.stdout.write(f"{self.text}\n({note})\n")
 
     def _render(self, body: str, footer_md: str = "", footer_plain: str = "", streaming: bool = True) -> MarkdownText:
         head_md = f"<sub>{self.notice}</sub>\n\n" if self.notice else ""

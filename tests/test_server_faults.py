@@ -209,3 +209,13 @@ def test_the_kernels_stop_button_ends_a_stalled_stream(fault, tiny_model_dir):
         fault.release.set()
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+def test_a_fault_without_streaming_still_shows_what_came(ip, connected, fault):
+    ip.run_line_magic("config", "QwenMagics.stream = False")
+    fault.reset("cut")
+    message, shown = fails(ip, "two")
+    assert "closed the stream before the reply was finished" in message
+    shown_text = shown.outputs[-1].data["text/markdown"]
+    assert shown_text.startswith("Hello, ") and "generation failed; the conversation is unchanged" in shown_text
+    assert connected.conversation.to_json() == []
