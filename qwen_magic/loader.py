@@ -230,21 +230,9 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
     )
 
 
-def load(
-    name: str,
-    *,
-    bits: int = 4,
-    dtype: str = "auto",
-    device_map: Optional[str] = None,
-    revision: Optional[str] = None,
-    trust_remote_code: bool = False,
-    engine: str = "auto",
-    notify: Callable[[str], None] = print,
-) -> LoadedModel:
-    """``prepare`` then ``load_prepared``: check, then load."""
-    plan = prepare(name, bits=bits, dtype=dtype, device_map=device_map, revision=revision,
-                   trust_remote_code=trust_remote_code, engine=engine, notify=notify)
-    return load_prepared(plan, notify)
+def load(name: str, *, notify: Callable[[str], None] = print, **options) -> LoadedModel:
+    """``prepare`` then ``load_prepared``: check, then load (``options`` as ``prepare`` takes them)."""
+    return load_prepared(prepare(name, notify=notify, **options), notify)
 
 
 def pick_engine(model, tokenizer, wanted: str, context_length: int):
