@@ -76,6 +76,7 @@ def precision(config, compute: str) -> str:
     if method == "bitsandbytes":
         if get("load_in_8bit"):
             return "8-bit (LLM.int8), saved copy"
+        compute = str(get("bnb_4bit_compute_dtype") or compute).replace("torch.", "")
         return f"4-bit {str(get('bnb_4bit_quant_type', 'nf4')).upper()} ({compute} compute), saved copy"
     bits = get("bits")
     return f"{LABELS.get(method, method)}{f' {bits}-bit' if bits else ''} (from the checkpoint)"

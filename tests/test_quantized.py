@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import pytest
 import transformers
 
 from helpers import ask, usage_error
