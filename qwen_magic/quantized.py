@@ -94,11 +94,12 @@ def plan(name: str, *, bits: int, save_to: Optional[str], keep_in: Optional[str]
 
     cuda = torch.cuda.is_available()
     method = quant_method(_config_json(name, revision))
+    label = LABELS.get(method, method)
     if save_to:
         if bits == 16:
             raise QuantizedError("--save-quantized saves a 4-bit or 8-bit copy: use it with --bits 4 or --bits 8.")
         if method:
-            raise QuantizedError(f"{name} is already quantized ({LABELS.get(method, method)}): load it as it is, without --save-quantized.")
+            raise QuantizedError(f"{name} is already quantized ({label}): load it as it is, without --save-quantized.")
         target = os.path.expanduser(save_to)
         if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)):
             raise QuantizedError(f"{save_to} already exists and is not empty: give a new directory (load a saved copy with %qwen_load {save_to}).")
@@ -109,11 +110,11 @@ def plan(name: str, *, bits: int, save_to: Optional[str], keep_in: Optional[str]
         if missing:
             instead = "" if method == "bitsandbytes" else ", or load the unquantized model in 4 bits instead"
             raise QuantizedError(
-                f"{name} is quantized with {LABELS.get(method, method)}: loading it needs {' and '.join(missing)} "
+                f"{name} is quantized with {label}: loading it needs {' and '.join(missing)} "
                 f"(run %pip install {' '.join(missing)}){instead}."
             )
         if not cuda:
-            raise QuantizedError(f"{name} is quantized with {LABELS.get(method, method)}, which needs a CUDA GPU: load the unquantized model here instead.")
+            raise QuantizedError(f"{name} is quantized with {label}, which needs a CUDA GPU: load the unquantized model here instead.")
         return Plan(source=name, stored=method)
     if save_to:
         return Plan(source=name, save_to=save_to)
