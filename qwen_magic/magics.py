@@ -134,7 +134,8 @@ class QwenMagics(Magics):
             return
         print(self.loaded.summary())
         if plan.save_to:
-            print(quantized.save(self.loaded, plan.save_to, name))
+            with progress.loading_progress(self.shell):
+                print(quantized.save(self.loaded, plan.save_to, name))
         if not self.loaded.chat_template:
             print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
 

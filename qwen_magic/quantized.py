@@ -146,6 +146,9 @@ def save(loaded, target: str, source: str) -> str:
         if os.path.isdir(target) and not os.listdir(target):
             os.rmdir(target)
         os.replace(partial, target)
+    except KeyboardInterrupt:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"Saving interrupted: no copy was written to {target}; the model is loaded all the same."
     except Exception as error:  # disk full, no permission, a Drive that went away: the chat goes on
         shutil.rmtree(partial, ignore_errors=True)
         text = str(error).strip()

@@ -119,3 +119,16 @@ def test_a_failed_save_is_one_warning_and_the_model_stays(ip, chat, tiny_model_d
 def test_the_copy_of_a_hub_model_has_a_folder_of_its_own(tmp_path):
     assert quantized.copy_path(str(tmp_path), "Qwen/Qwen2.5-7B-Instruct", 4) == str(tmp_path / "Qwen--Qwen2.5-7B-Instruct-4bit")
     assert quantized.copy_path(str(tmp_path), "Qwen/Qwen2.5-7B-Instruct", 8) != quantized.copy_path(str(tmp_path), "Qwen/Qwen2.5-7B-Instruct", 4)
+
+
+def test_an_interrupted_save_leaves_no_half_copy(ip, chat, tiny_model_dir, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        (tmp_path / f"copy.partial-{os.getpid()}" / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat.loaded.tokenizer, "save_pretrained", interrupted)
+    line = quantized.save(chat.loaded, str(tmp_path / "copy"), "tiny")
+    assert line == f"Saving interrupted: no copy was written to {tmp_path / 'copy'}; the model is loaded all the same."
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    still_loaded(ip, chat, tiny_model_dir)
