@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes, IPython; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ipython', IPython.__version__)"
 model=/tmp/qwen7b-shape
 case $what in tests|all)
-    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_families.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_families.py tests/test_gpu_quantized.py tests/test_soak.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
 esac
 case $what in bench|all)
     python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench.txt" | tail -16 ;;
@@ -27,4 +27,7 @@ case $what in profile|all)
 esac
 case $what in free|all)
     python3 benchmarks/free_check.py --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tail -24 ;;
+esac
+case $what in load|all)
+    python3 benchmarks/bench_load.py --out "$OUT" --model-dir $model --copy-dir /tmp/qwen7b-shape-nf4 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/load.txt" | tail -12 ;;
 esac

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from . import quantized
 from .engine import GenerateEngine
 from .errors import QwenError
 from .prompt import has_chat_template
@@ -183,6 +184,8 @@ def prepare(
         precision = "8-bit (LLM.int8)"
     else:
         precision = str(compute).replace("torch.", "")
+        if quantized.quant_method(config):  # AWQ, GPTQ or a saved 4-bit copy: its own quantization config
+            precision = quantized.precision(config, precision)
     kwargs["dtype"] = compute
     if device_map or cuda:
         kwargs["device_map"] = device_map or "auto"

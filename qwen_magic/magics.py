@@ -50,6 +50,7 @@ class QwenMagics(Magics):
     server = Unicode(None, allow_none=True, help="URL of an OpenAI-compatible server (e.g. http://gpu-box:8000/v1) that %qwen_load connects to instead of loading a model into the kernel.").tag(config=True)
     server_timeout = Float(60.0, help="Seconds to wait for a server's answer, or for the next piece of a streamed reply, before giving up (the stop button ends the wait at once).").tag(config=True)
     autosave = Unicode(None, allow_none=True, help="File to write every conversation to after each reply (atomically), e.g. on a mounted Google Drive; restore with %qwen_history --load PATH. None: off.").tag(config=True)
+    quantized_dir = Unicode(None, allow_none=True, help="Directory where %qwen_load keeps a 4-bit (or 8-bit) copy of each model it quantizes, e.g. on a mounted Google Drive: the first load saves it, later loads read it with no download and no quantization. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
     thinking = Bool(None, allow_none=True, help="Thinking models (Qwen3, Qwen3.5): True thinks before answering, False answers directly; None: the model's default. Passed to the chat template as enable_thinking.").tag(config=True)
@@ -106,6 +107,7 @@ class QwenMagics(Magics):
     @argument("--engine", choices=ENGINES, help="generation engine (default: QwenMagics.engine)")
     @argument("--server", metavar="URL", help="use a model behind an OpenAI-compatible server (vLLM, SGLang, TGI, Ollama)")
     @argument("--api-key-env", metavar="NAME", default="OPENAI_API_KEY", help="environment variable holding the server's API key")
+    @argument("--save-quantized", metavar="DIR", help="after loading, save the quantized model to DIR; %%qwen_load DIR loads it next time")
     @line_magic
     def qwen_load(self, line):
         """Load a model onto the GPU (4-bit NF4 by default), replacing any model already loaded.
@@ -116,13 +118,19 @@ class QwenMagics(Magics):
         args = parse_argstring(self.qwen_load, line)
         if args.server or self.server:
             return self._connect(args.server or self.server, args.model_name, args.api_key_env)
-        from . import loader
+        from . import progress, loader, quantized  # progress first: it imports tqdm without its IProgress warning
 
-        name = args.model_name or self.model
+        name, bits = args.model_name or self.model, args.bits or self.bits
         try:  # everything that can be checked is checked while the old model still works
+            stored = quantized.plan(name, bits=bits, save_to=args.save_quantized, keep_in=self.quantized_dir, revision=args.revision)
+        except quantized.QuantizedError as error:
+            raise UsageError(str(error) + self._still_loaded()) from None
+        if stored.note:
+            print(stored.note)
+        try:
             plan = loader.prepare(
-                name,
-                bits=args.bits or self.bits,
+                stored.source,
+                bits=16 if stored.stored else bits,
                 dtype=args.dtype,
                 device_map=args.device_map,
                 revision=args.revision,
@@ -136,7 +144,8 @@ class QwenMagics(Magics):
             return
         self._free_model()  # the old model goes now: two rarely fit on one GPU
         try:
-            self.loaded = loader.load_prepared(plan)
+            with progress.loading_progress(self.shell):
+                self.loaded = loader.load_prepared(plan)
         except loader.LoadError as error:
             raise UsageError(f"{str(error).rstrip('.')}. No model is loaded now.") from None
         except KeyboardInterrupt:
@@ -144,6 +153,9 @@ class QwenMagics(Magics):
             print("Loading interrupted: no model is loaded.")
             return
         print(self.loaded.summary() + self._sampling_note())
+        if stored.save_to:
+            with progress.loading_progress(self.shell):
+                print(quantized.save(self.loaded, stored.save_to, name))
         if not self.loaded.chat_template:
             print("This tokenizer has no chat template (a base model?): using a plain 'User: … Assistant:' prompt.")
 
