@@ -39,7 +39,7 @@ def test_an_awq_checkpoint_names_what_to_install_and_keeps_the_model(ip, chat, t
     package = "gptqmodel" if TRANSFORMERS_MAJOR >= 5 else "autoawq"
     assert usage_error(ip.run_line_magic, "qwen_load", awq) == (
         f"{awq} is quantized with AWQ: loading it needs {package} (run %pip install {package}), "
-        "or load the unquantized model in 4 bits instead."
+        f"or load the unquantized model in 4 bits instead. {tiny_model_dir} is still loaded."
     )
     still_loaded(ip, chat, tiny_model_dir)
 
@@ -55,9 +55,9 @@ def test_a_saved_4bit_copy_without_cuda_is_one_line(ip, chat, tiny_model_dir, tm
     copy = checkpoint_with(tmp_path, tiny_model_dir, BNB)
     message = usage_error(ip.run_line_magic, "qwen_load", copy)
     if quantized.needed_packages("bitsandbytes"):
-        assert message == f"{copy} is quantized with bitsandbytes: loading it needs bitsandbytes (run %pip install bitsandbytes)."
+        assert message == f"{copy} is quantized with bitsandbytes: loading it needs bitsandbytes (run %pip install bitsandbytes). {tiny_model_dir} is still loaded."
     else:
-        assert message == f"{copy} is quantized with bitsandbytes, which needs a CUDA GPU: load the unquantized model here instead."
+        assert message == f"{copy} is quantized with bitsandbytes, which needs a CUDA GPU: load the unquantized model here instead. {tiny_model_dir} is still loaded."
     still_loaded(ip, chat, tiny_model_dir)
 
 
@@ -65,7 +65,13 @@ def test_save_quantized_refusals_leave_the_model_loaded(ip, chat, tiny_model_dir
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
-    load = lambda line: usage_error(ip.run_line_magic, "qwen_load", line)  # noqa: E731
+    kept = f" {tiny_model_dir} is still loaded."
+
+    def load(line):
+        message = usage_error(ip.run_line_magic, "qwen_load", line)
+        assert message.endswith(kept)  # each refusal says the model that works stays
+        return message[: -len(kept)]
+
     assert load(f"{tiny_model_dir} --bits 16 --save-quantized {tmp_path}/new") == (
         "--save-quantized saves a 4-bit or 8-bit copy: use it with --bits 4 or --bits 8.")
     assert load(f"{tiny_model_dir} --save-quantized {occupied}") == (
