@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer: quantization, dtype, devices; free them again."""
+"""Load a causal LM and its tokenizer (a vision-language model also its processor): quantization, dtype, devices; free them again."""
 
 import gc
 import importlib
@@ -34,8 +34,13 @@ class LoadedModel:
     gpu_bytes: int
     context_length: int
     seconds: float
-    engine: object = None  # GenerateEngine or fast.FastEngine
+    engine: object = None  # GenerateEngine, fast.FastEngine or vision.VisionEngine
     engine_note: str = ""
+    processor: object = None  # a vision-language model's (AutoProcessor): it sees images
+
+    @property
+    def sees_images(self) -> bool:
+        return self.processor is not None
 
     @property
     def chat_template(self) -> bool:
@@ -45,7 +50,8 @@ class LoadedModel:
         memory = f"{self.gpu_bytes / 2**30:.1f} GiB GPU memory" if self.gpu_bytes else "no GPU memory"
         return (
             f"Loaded {self.name} · {self.precision} · {self.devices} · {memory} · "
-            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · engine: {self.engine.name}{self.engine_note}"
+            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · "
+            + ("sees images · " if self.sees_images else "") + f"engine: {self.engine.name}{self.engine_note}"
         )
 
 
@@ -100,6 +106,7 @@ class LoadPlan:
     precision: str
     engine: str
     started: float
+    processor: object = None  # a vision-language model's
 
 
 def _check_weights(name: str, source: str) -> None:
@@ -168,6 +175,7 @@ def prepare(
         raise LoadError(f"Could not load the tokenizer of {name}: {_first_line(error)}") from None
     if not tokenizer("Hello", add_special_tokens=False)["input_ids"]:  # newer transformers make an empty one
         raise LoadError(f"Could not load the tokenizer of {name}: it has no vocabulary (tokenizer.json or vocab files missing?).")
+    processor = _processor(name, source, config, common)
 
     if not cuda and bits != 16:
         notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
@@ -187,7 +195,7 @@ def prepare(
     if device_map or cuda:
         kwargs["device_map"] = device_map or "auto"
     return LoadPlan(name=name, source=source, config=config, tokenizer=tokenizer, model_kwargs=kwargs,
-                    precision=precision, engine=engine, started=started)
+                    precision=precision, engine=engine, started=started, processor=processor)
 
 
 def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> LoadedModel:
@@ -195,7 +203,12 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
     name, config, tokenizer = plan.name, plan.config, plan.tokenizer
     notify(f"Loading {name} ({plan.precision}) …")
     try:
-        model = AutoModelForCausalLM.from_pretrained(plan.source, **plan.model_kwargs)
+        if plan.processor is not None:
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(plan.source, **plan.model_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(plan.source, **plan.model_kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).") from None
@@ -214,8 +227,12 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         devices = ", ".join(sorted({str(d) if not isinstance(d, int) else f"cuda:{d}" for d in model.hf_device_map.values()}))
     else:
         devices = str(model.device)
-    context = int(getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
-    chosen, note = pick_engine(model, tokenizer, plan.engine, context)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = int(getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
+    if plan.processor is not None:
+        chosen, note = _vision_engine(model, plan.processor, plan.engine)
+    else:
+        chosen, note = pick_engine(model, tokenizer, plan.engine, context)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -227,7 +244,32 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         seconds=time.perf_counter() - plan.started,
         engine=chosen,
         engine_note=note,
+        processor=plan.processor,
     )
+
+
+def _processor(name: str, source: str, config, common: dict):
+    """A vision-language model's processor (image processor, tokenizer, chat template); None for a text model."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, **common)
+    except Exception as error:  # missing files, or torchvision / PIL missing for its image processor
+        raise LoadError(f"Could not load the image processor of {name} ({_first_line(error)}): "
+                        "it needs torchvision and pillow (%pip install torchvision pillow).") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise LoadError(f"{name} has a vision config but no image processor (preprocessor_config.json missing?).")
+    return processor
+
+
+def _vision_engine(model, processor, wanted: str):
+    """``generate`` with the processor's inputs; where the fast engine was asked for or would be picked, one line says why not."""
+    from .vision import FAST_NOTE, VisionEngine
+
+    fast_wanted = wanted == "fast" or (wanted == "auto" and torch.cuda.is_available())
+    return VisionEngine(model, processor), FAST_NOTE if fast_wanted else ""
 
 
 def load(
