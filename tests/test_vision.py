@@ -253,3 +253,38 @@ def test_a_text_model_refuses_image_files_and_describes_images(ip, chat, tmp_pat
     ask(ip, f"{{Out[{number}]}}")
     message = chat.conversation.messages[-2]
     assert "image, size (12, 9); the image itself is not sent" in message["content"] and "images" not in message
+
+
+def test_through_a_server_images_go_as_image_url_data_parts(ip, qwen, vl_model_dir, vl_recipe, tmp_path):
+    pytest.importorskip("openai")
+    import base64
+
+    from faultserver import FaultServer
+
+    server = FaultServer(models=[vl_model_dir])  # named by the model's path: its config and processor are at hand
+    try:
+        with capture_output() as shown:
+            ip.run_line_magic("qwen_load", f"--server {server.url} {vl_model_dir}")
+        assert "sees images · engine: OpenAI-compatible server" in shown.stdout
+        png = picture(160, 120)
+        path = tmp_path / "plot.png"
+        path.write_bytes(png)
+        ip.run_line_magic("config", "QwenMagics.show_stats = False")
+        ask(ip, "What does this plot show?", f"--image {path}")
+        content = server.requests[-1]["messages"][-1]["content"]
+        assert [part["type"] for part in content] == ["image_url", "text"]
+        url = content[0]["image_url"]["url"]
+        assert url.startswith("data:image/png;base64,")
+        assert base64.b64decode(url.split(",", 1)[1]) == normalize(png)
+        assert content[1] == {"type": "text", "text": "[image 1]\n\nWhat does this plot show?"}
+        # Without the server's usage figures, the prompt is counted as the processor counts it.
+        server.reset("no-usage")
+        ask(ip, "And now?")
+        history = [user("[image 1]\n\nWhat does this plot show?", 1), {"role": "assistant", "content": "Hello, world!"}, user("And now?")]
+        expected = vl_recipe.inputs(history, [as_pil(png)]).input_ids.shape[1]
+        from qwen_magic.chat import counter
+
+        messages = [{k: m[k] for k in ("role", "content", "images") if k in m} for m in qwen.conversation.messages[:-1]]
+        assert counter(qwen.loaded, qwen.conversation.images, None)(messages) == expected
+    finally:
+        server.close()
