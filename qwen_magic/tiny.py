@@ -110,7 +110,11 @@ def build_tokenizer(vocab_size: int = 400, style: str = "chatml"):
         show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    # A vision processor insists on Qwen2's tokenizer class (transformers 4.x checks); it wraps the same BPE.
+    wrapper = PreTrainedTokenizerFast
+    if style == "vl":
+        from transformers import Qwen2TokenizerFast as wrapper
+    tokenizer = wrapper(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
