@@ -229,10 +229,9 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         devices = str(model.device)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     context = int(getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
+    chosen, note = pick_engine(model, tokenizer, plan.engine, context)
     if plan.processor is not None:
-        chosen, note = _vision_engine(model, plan.processor, plan.engine)
-    else:
-        chosen, note = pick_engine(model, tokenizer, plan.engine, context)
+        chosen, note = _vision_engine(model, plan.processor, chosen, note)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -264,12 +263,16 @@ def _processor(name: str, source: str, config, common: dict):
     return processor
 
 
-def _vision_engine(model, processor, wanted: str):
-    """``generate`` with the processor's inputs; where the fast engine was asked for or would be picked, one line says why not."""
+def _vision_engine(model, processor, chosen, note: str):
+    """A vision-language model's engine: windows with pictures go to ``generate`` with the processor's
+    inputs; windows without go to the fast engine where it was picked (one line says so)."""
+    from .fast import FastEngine
     from .vision import FAST_NOTE, VisionEngine
 
-    fast_wanted = wanted == "fast" or (wanted == "auto" and torch.cuda.is_available())
-    return VisionEngine(model, processor), FAST_NOTE if fast_wanted else ""
+    if isinstance(chosen, FastEngine):
+        return VisionEngine(model, processor, text_engine=chosen), note + FAST_NOTE
+    chosen.close()
+    return VisionEngine(model, processor), note
 
 
 def load(

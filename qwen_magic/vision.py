@@ -8,6 +8,9 @@ then ``model.generate``. Messages arrive as the chat keeps them, ``{"role", "con
 The window counts the tokens the processor makes: the rendered text's tokens, with each
 image's one ``<|image_pad|>`` standing for as many tokens as its grid holds (the
 processor's own ``image_grid_thw``, computed once per picture).
+
+A window without pictures is a plain text prompt: it may go to the fast engine (its
+cache and graph), which gives the same greedy tokens as for the text model.
 """
 
 import hashlib
@@ -22,8 +25,9 @@ from .images import open_image
 from .settings import GenerationSettings
 
 # The fast engine feeds positions 0, 1, 2, ... to a model that places image tokens on a 3-D (time, height,
-# width) grid and shifts every later token by rope_deltas: its replies would be wrong, so it is not used.
-FAST_NOTE = " (a vision-language model: transformers generate, since the fast engine's cache and graph do not track its 3-D image positions)"
+# width) grid and shifts every later token by rope_deltas: with pictures its replies would be wrong, so a
+# window with pictures goes to generate. Without pictures the 3-D positions are the 1-D ones, and it is exact.
+FAST_NOTE = " (turns with pictures: transformers generate, since the fast engine's cache and graph do not track their 3-D positions)"
 
 
 def parts(message: dict) -> dict:
@@ -80,18 +84,24 @@ class VisionPrompt:
 
 
 class VisionEngine:
-    """``model.generate`` with the processor's inputs (pixel values, image grids), as the classic recipe calls it."""
+    """``model.generate`` with the processor's inputs (pixel values, image grids), as the classic recipe calls it.
 
-    name = "transformers generate"
+    ``text_engine`` (a fast.FastEngine): takes the windows that hold no picture.
+    """
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, text_engine=None):
         self.model = model
         self.prompt = VisionPrompt(processor)
         self.tokenizer = processor.tokenizer
         self.end_ids = end_token_ids(model, self.tokenizer)
+        self.text_engine = text_engine
+        self.name = text_engine.name if text_engine is not None else "transformers generate"
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
         from .thinking import opens_thinking
+
+        if self.text_engine is not None and not pictures_of(messages):
+            return self.text_engine.start(messages, settings, continue_final)
 
         inputs, text = self.prompt.inputs(messages, continue_final, settings.thinking)
         head = text[: len(text) - len(messages[-1]["content"])] if continue_final else text
@@ -109,4 +119,6 @@ class VisionEngine:
                            end_ids=self.end_ids, opens_thinking=opens_thinking(head))
 
     def close(self):
-        self.model = None
+        if self.text_engine is not None:
+            self.text_engine.close()
+        self.model = self.text_engine = None

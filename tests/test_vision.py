@@ -87,11 +87,34 @@ def test_the_load_line_says_it_sees_images(vl_chat):
     assert "sees images · engine: transformers generate" in vl_chat.load_line
 
 
-def test_the_fast_engine_is_not_used_and_the_line_says_why(ip, qwen, vl_model_dir):
+def test_the_fast_engine_takes_turns_without_pictures_and_generate_those_with(ip, qwen, vl_model_dir, vl_recipe, tmp_path):
     with capture_output() as shown:
         ip.run_line_magic("qwen_load", f"{vl_model_dir} --engine fast")
-    assert "engine: transformers generate (a vision-language model: transformers generate, since the fast engine's" in shown.stdout
-    assert len([line for line in shown.stdout.splitlines() if line.startswith("Loaded")]) == 1
+    assert ("sees images · engine: static KV cache (turns with pictures: transformers generate, since the fast engine's "
+            "cache and graph do not track their 3-D positions)") in shown.stdout
+    ip.run_line_magic("config", "QwenMagics.do_sample = False")
+    fast = qwen.loaded.engine.text_engine
+    path = tmp_path / "plot.png"
+    path.write_bytes(picture(120, 96))
+    history, pictures = [], []
+    for question, line, cached in [("介绍广州这座城市", "", False), ("它有什么好吃的美食吗?", "", True),
+                                   ("What does this plot show?", f"--image {path}", False), ("And now?", "", False)]:
+        before = list(fast.cached_ids)
+        shown = ask(ip, question, line + " --max-new-tokens 8")
+        if line:
+            question = "[image 1]\n\n" + question
+            pictures.append(as_pil(path.read_bytes()))
+        history.append(user(question, 1 if line else 0))
+        expected = vl_recipe.reply(history, pictures, 8)
+        assert ip.user_ns["_qwen"] == expected
+        history.append({"role": "assistant", "content": expected})
+        assert ("cached)" in shown.outputs[-1].data["text/markdown"]) == cached
+        assert (fast.cached_ids != before) == (not pictures)  # turns with the picture in the window leave the fast cache alone
+    ip.run_line_magic("config", "QwenMagics.max_turns = 0")  # the picture leaves the window: the fast engine again
+    before = list(fast.cached_ids)
+    ask(ip, "Hello", "--max-new-tokens 8")
+    assert ip.user_ns["_qwen"] == vl_recipe.reply([user("Hello")], [], 8)
+    assert fast.cached_ids != before
 
 
 def test_an_image_file_reply_equals_the_recipe_over_turns(ip, vl_chat, vl_recipe, tmp_path):
