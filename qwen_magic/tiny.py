@@ -52,6 +52,10 @@ VL_FAMILIES = {
                  dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
                  None),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration",  # the multimodal Qwen3.5 checkpoints (hybrid text model)
+                dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                     temporal_patch_size=2, num_position_embeddings=64),
+                None),
 }
 
 
@@ -154,8 +158,11 @@ def write_tiny_vl_model(path, *, family: str = "qwen2_5_vl", seed: int = 0, cont
                 bos_token_id=None, tie_word_embeddings=False)
     if family == "qwen2_5_vl":
         text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # head_dim 8: sections add up to 4
-    else:
+    elif family == "qwen3_vl":
         text.update(head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    else:
+        text.update(_HYBRID, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                              "mrope_section": [2, 1, 1], "mrope_interleaved": True})
     text.update(shape)
     vision = dict(vision_fields, out_hidden_size=text["hidden_size"])
     config = getattr(transformers, config_name)(
@@ -174,8 +181,7 @@ def write_tiny_vl_model(path, *, family: str = "qwen2_5_vl", seed: int = 0, cont
     image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
                                             min_pixels=4 * (patch * merge) ** 2, max_pixels=16384 * (patch * merge) ** 2)
     processor_class = getattr(transformers, "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor")
-    video = None
-    if family == "qwen3_vl":
+    if family != "qwen2_5_vl":
         from transformers import Qwen3VLVideoProcessor
 
         video = Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
