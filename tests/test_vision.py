@@ -311,3 +311,25 @@ def test_through_a_server_images_go_as_image_url_data_parts(ip, qwen, vl_model_d
         assert counter(qwen.loaded, qwen.conversation.images, None)(messages) == expected
     finally:
         server.close()
+
+
+def test_continue_and_regenerate_keep_the_picture(ip, vl_chat, vl_recipe, tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(picture(100, 80))
+    ask(ip, "Describe it at length.", f"--image {path} --max-new-tokens 4")
+    asked, first = vl_chat.conversation.messages
+    assert first["unfinished"] == "length"
+    with capture_output():
+        ip.run_line_magic("qwen_continue", "--max-new-tokens 4")
+    answer = vl_chat.conversation.messages[-1]["content"]
+    messages = [user(asked["content"], 1), {"role": "assistant", "content": first["content"]}]
+    text = vl_recipe.processor.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    inputs = vl_recipe.processor(text=[text], images=[as_pil(path.read_bytes())], return_tensors="pt")
+    output = vl_recipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    continued = vl_recipe.processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
+    assert answer == first["content"] + continued
+    with capture_output():
+        ip.run_line_magic("qwen_regenerate", "")
+    again = vl_chat.conversation.messages
+    assert len(again) == 2 and again[0]["images"] == asked["images"] and again[0]["content"] == asked["content"]
+    assert again[1]["content"] == vl_recipe.reply([user(asked["content"], 1)], [as_pil(path.read_bytes())], 10)
