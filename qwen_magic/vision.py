@@ -15,12 +15,14 @@ cache and graph), which gives the same greedy tokens as for the text model.
 
 import hashlib
 import threading
+from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
 from transformers import StoppingCriteriaList
 
 from .engine import ReplyStream, _Emitter, _StopFlag, end_token_ids, generation_kwargs, model_device
+from .fast import ATTENTION
 from .images import open_image
 from .settings import GenerationSettings
 
@@ -111,12 +113,27 @@ class VisionEngine:
         def produce(emit, stop_event):
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            with torch.inference_mode():
+            with self._recipe_attention(), torch.inference_mode():
                 self.model.generate(**inputs, streamer=_Emitter(emit),
                                     stopping_criteria=StoppingCriteriaList([_StopFlag(stop_event)]), **kwargs)
 
         return ReplyStream(self.tokenizer, int(inputs["input_ids"].shape[1]), produce, max_new_tokens=settings.max_new_tokens,
                            end_ids=self.end_ids, opens_thinking=opens_thinking(head))
+
+    @contextmanager
+    def _recipe_attention(self):
+        """The fast engine gives the model its grouped decode attention; a turn with pictures runs on the
+        recipe's own SDPA (the captured graph keeps its kernels), and no fast turn runs meanwhile."""
+        fast = self.text_engine
+        if fast is None or not fast.grouped:
+            yield
+            return
+        with fast.lock:
+            self.model.set_attn_implementation("sdpa")
+            try:
+                yield
+            finally:
+                self.model.set_attn_implementation(ATTENTION)
 
     def close(self):
         if self.text_engine is not None:

@@ -62,8 +62,12 @@ def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
     recipe_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does this plot show?"}]}]
     text = processor.apply_chat_template(recipe_messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt").to(model.device)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    model.set_attn_implementation("sdpa")  # the recipe's own attention (the fast engine gave the model its own)
+    try:
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    finally:
+        model.set_attn_implementation("qwen_magic_gqa")
     expected = processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
     reply = generate_reply(nf4.engine, [{"role": "user", "content": "What does this plot show?", "images": [png]}],
                            GenerationSettings(do_sample=False, max_new_tokens=16))
