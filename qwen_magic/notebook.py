@@ -23,6 +23,7 @@ KEEP_CHARS = 100_000  # characters kept of one cell's printed output (head and t
 KEEP_IMAGE_CELLS = 50  # cells whose displayed images are kept
 KEEP_IMAGES = 4  # images kept of one cell (its last ones)
 KEEP_IMAGE_BYTES = 8 * 2**20  # a larger image is not kept
+KEEP_IMAGE_TOTAL = 64 * 2**20  # all kept images together: the oldest cells' go first
 
 
 class NotebookReferenceError(LookupError):
@@ -133,6 +134,8 @@ class OutputRecorder:
         if self._shown:
             self._keep(self.images, count, list(self._shown), KEEP_IMAGE_CELLS)
             self._shown = []
+            while len(self.images) > 1 and sum(len(i) for shown in self.images.values() for i in shown) > KEEP_IMAGE_TOTAL:
+                self.images.popitem(last=False)
         printed = strip_ansi("".join(self._sink))
         self._sink = []
         error = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
