@@ -137,8 +137,8 @@ def test_a_server_that_dies_mid_reply(ip, qwen, endless_model_dir, monkeypatch):
             ip.run_line_magic("qwen_load", f"--server {url} {endless_model_dir}")
         original, pieces = ReplyView.append, []
 
-        def append_then_kill(view, piece):
-            original(view, piece)
+        def append_then_kill(view, piece, tokens=None):
+            original(view, piece, tokens)
             pieces.append(piece)
             if len(pieces) == 5:
                 process.kill()  # as a crash would
