@@ -256,8 +256,9 @@ def _processor(name: str, source: str, config, common: dict):
 
         processor = AutoProcessor.from_pretrained(source, **common)
     except Exception as error:  # missing files, or torchvision / PIL missing for its image processor
-        raise LoadError(f"Could not load the image processor of {name} ({_first_line(error)}): "
-                        "it needs torchvision and pillow (%pip install torchvision pillow).") from None
+        missing = [m for m in ("torchvision", "PIL") if importlib.util.find_spec(m) is None]
+        hint = f": run %pip install {' '.join('pillow' if m == 'PIL' else m for m in missing)}" if missing else ""
+        raise LoadError(f"Could not load the image processor of {name} ({_first_line(error)}){hint}.") from None
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise LoadError(f"{name} has a vision config but no image processor (preprocessor_config.json missing?).")
     return processor

@@ -333,3 +333,16 @@ def test_continue_and_regenerate_keep_the_picture(ip, vl_chat, vl_recipe, tmp_pa
     again = vl_chat.conversation.messages
     assert len(again) == 2 and again[0]["images"] == asked["images"] and again[0]["content"] == asked["content"]
     assert again[1]["content"] == vl_recipe.reply([user(asked["content"], 1)], [as_pil(path.read_bytes())], 10)
+
+
+def test_a_vision_model_without_its_image_processor_is_one_line_and_keeps_the_model(ip, vl_chat, vl_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "no-processor"
+    shutil.copytree(vl_model_dir, broken)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (broken / name).unlink(missing_ok=True)
+    message = usage_error(ip.run_line_magic, "qwen_load", str(broken))
+    assert message.startswith(f"Could not load the image processor of {broken} (")
+    assert message.endswith(f"{vl_model_dir} is still loaded.")
+    assert vl_chat.loaded.sees_images
