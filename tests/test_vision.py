@@ -346,3 +346,17 @@ def test_a_vision_model_without_its_image_processor_is_one_line_and_keeps_the_mo
     assert message.startswith(f"Could not load the image processor of {broken} (")
     assert message.endswith(f"{vl_model_dir} is still loaded.")
     assert vl_chat.loaded.sees_images
+
+
+def test_a_variable_holding_a_picture_and_with_minus_one(ip, vl_chat):
+    cell(ip, "from PIL import Image as _I\nsnapshot = _I.new('RGB', (48, 32), (5, 100, 5))")
+    ask(ip, "compare {snapshot} with the one before", "--with snapshot")
+    message = vl_chat.conversation.messages[-2]
+    # the same picture twice is attached once, and both places name it
+    assert message["content"] == "Variable `snapshot`: [image 1]\n\ncompare [image 1] with the one before"
+    assert len(message["images"]) == 1
+    cell(ip, "from IPython.display import display\ndisplay(_I.new('RGB', (40, 30), (1, 1, 200)))\nprint('shown')")
+    ask(ip, "what did it show?", "--with -1")
+    message = vl_chat.conversation.messages[-2]
+    assert message["content"].endswith("displayed: [image 1]\n\nwhat did it show?")
+    assert as_pil(vl_chat.conversation.images[message["images"][0]]).size == (40, 30)
