@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-index .whl/bitsandbytes-*.whl $(ls .whl/py/*.whl | grep -vE 'typing_extensions|psutil|pygments') 2>&1 | tail -2
+# Vision: torchvision built for the machine's torch (pip download --no-deps torchvision==0.26.* -d .whl), if carried.
+python3 -c "import torchvision" 2>/dev/null || { ls .whl/torchvision-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps --no-index .whl/torchvision-*.whl 2>&1 | tail -2; }
 export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes, IPython; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ipython', IPython.__version__)"
@@ -21,6 +23,10 @@ case $what in shapes|all)  # the Qwen3-8B and hybrid Qwen3.5-9B shapes, each aga
         python3 benchmarks/bench_decode.py --out "$OUT" --shape $shape --model-dir /tmp/$shape-shape 2>&1 | grep -vE 'Loading weights|Writing model|falling back' | tee "$OUT/bench-$shape.txt" | tail -16
         rm -rf /tmp/$shape-shape
     done ;;
+esac
+case $what in vision|all)  # a Qwen2.5-VL-7B-shaped model in NF4: one 1024x768 figure
+    python3 -m pytest -q -m gpu tests/test_gpu_vision.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_vision_tests.txt" | tail -15
+    python3 benchmarks/bench_vision.py --out "$OUT" --model-dir /tmp/qwen-vl-7b-shape 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_vision.txt" | tail -16 ;;
 esac
 case $what in profile|all)
     python3 benchmarks/profile_turn.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|_warn_once' | cut -c1-160 | head -14 ;;

@@ -3,11 +3,18 @@
 Nothing here knows about IPython or torch. Token counts come from a callable
 (``count_tokens(messages) -> int``) so the window is exact for whatever
 tokenizer and chat template the loaded model uses.
+
+A user message may attach pictures: ``"images": [sha256, ...]`` beside its text; the
+conversation keeps each picture's PNG once, in ``images`` (by that hash). Saved, a
+conversation with pictures is ``{"format", "messages", "images": {hash: base64}}``; one
+without stays the plain list of messages it always was.
 """
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
+
+from .images import digest, from_base64, to_base64
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,16 +40,38 @@ def parse_json(text: str):
         raise HistoryError(f"not valid JSON ({error})") from None
 
 
+FORMAT = "qwen_magic.conversation"  # a saved conversation with pictures
+
+
 def _plain(message: dict) -> dict:
-    return {"role": message["role"], "content": message["content"]}
+    plain = {"role": message["role"], "content": message["content"]}
+    if message.get("images"):
+        plain["images"] = list(message["images"])
+    return plain
 
 
 def _saved(message: dict) -> dict:
-    """What a history file keeps of a message: role, content and any reasoning."""
+    """What a history file keeps of a message: role, content, any pictures (by hash) and any reasoning."""
     kept = _plain(message)
     if isinstance(message.get("reasoning_content"), str):
         kept["reasoning_content"] = message["reasoning_content"]
     return kept
+
+
+def check_images(images) -> Dict[str, bytes]:
+    """The ``images`` map of a saved file: each base64 PNG under the SHA-256 of its bytes."""
+    if not isinstance(images, dict):
+        raise HistoryError('"images" must map hashes to base64 images')
+    store = {}
+    for name, text in images.items():
+        try:
+            data = from_base64(text) if isinstance(text, str) else None
+        except ValueError:
+            data = None
+        if data is None or digest(data) != name:
+            raise HistoryError(f"image {str(name)[:16]}… is not base64 data whose SHA-256 is its name")
+        store[name] = data
+    return store
 
 
 @dataclass
@@ -69,17 +98,24 @@ class Conversation:
 
     system: Optional[str] = None
     messages: List[dict] = field(default_factory=list)
+    images: Dict[str, bytes] = field(default_factory=dict)  # PNG bytes by SHA-256, each kept once
 
     @property
     def exchanges(self) -> List[List[dict]]:
         return [self.messages[i:i + 2] for i in range(0, len(self.messages), 2)]
 
     def add_exchange(self, question: str, reply: str, finish_reason: Optional[str] = None, cell_id: Optional[str] = None,
-                     reasoning: Optional[str] = None, raw: Optional[str] = None, thinking_open: bool = False) -> None:
+                     reasoning: Optional[str] = None, raw: Optional[str] = None, thinking_open: bool = False,
+                     images: Optional[List[str]] = None) -> None:
         """Record one exchange. ``reply`` is the answer alone; a thinking model's reasoning goes
         beside it as ``reasoning_content`` (saved, shown, never sent back as part of an answer)."""
         # Marks kept beside role and content are shown or used here, never sent to the model or saved.
         asked = {"role": "user", "content": question}
+        if images:
+            missing = [name for name in images if name not in self.images]
+            if missing:
+                raise KeyError(f"image {missing[0]} is not in the conversation's images")
+            asked["images"] = list(images)
         if cell_id:
             asked["cell_id"] = cell_id  # the notebook cell that asked: re-running it replaces this exchange
         self.messages += [asked, {"role": "assistant", "content": ""}]
@@ -100,7 +136,14 @@ class Conversation:
         self.messages[-1] = answer
 
     def copy(self) -> "Conversation":
-        return Conversation(system=self.system, messages=[dict(m) for m in self.messages])
+        return Conversation(system=self.system, messages=[dict(m) for m in self.messages], images=dict(self.images))
+
+    def add_images(self, images: Dict[str, bytes]) -> None:
+        self.images.update(images)
+
+    def used_images(self) -> Dict[str, bytes]:
+        """The pictures the messages refer to (undone exchanges may have left others)."""
+        return {name: self.images[name] for m in self.messages for name in m.get("images", ()) if name in self.images}
 
     def undo(self) -> bool:
         """Drop the last exchange; False when there is none."""
@@ -120,13 +163,18 @@ class Conversation:
     def keep_exchanges(self, count: int) -> None:
         del self.messages[2 * count:]
 
-    def to_markdown(self, title: str = "Conversation") -> str:
+    def to_markdown(self, title: str = "Conversation", image_files: Optional[Dict[str, str]] = None) -> str:
+        """The transcript; ``image_files`` maps each picture's hash to the file it was written to."""
         parts = [f"# {title}"]
         if self.system:
             parts.append(f"**System:** {self.system}")
         for index, (asked, answer) in enumerate(self.exchanges, 1):
             note = f" *({answer['unfinished']})*" if answer.get("unfinished") else ""
-            parts += [f"## {index}. You", asked["content"], f"## {index}. Qwen{note}"]
+            parts.append(f"## {index}. You")
+            for number, name in enumerate(asked.get("images", ()), 1):
+                where = (image_files or {}).get(name)
+                parts.append(f"![image {number}]({where})" if where else f"*[image {number}: {name[:12]}]*")
+            parts += [asked["content"], f"## {index}. Qwen{note}"]
             if answer.get("reasoning_content"):
                 parts.append(f"<details><summary>Thinking</summary>\n\n{answer['reasoning_content']}\n\n</details>")
             parts.append(answer["content"])
@@ -140,6 +188,7 @@ class Conversation:
         self,
         question: str,
         *,
+        images: Optional[List[str]] = None,
         count_tokens: Callable[[List[dict]], int],
         max_turns: Optional[int],
         max_new_tokens: int,
@@ -153,7 +202,7 @@ class Conversation:
         """
         system = self.system if self.system is not None else default_system
         head = [{"role": "system", "content": system}] if system else []
-        tail = [{"role": "user", "content": question}]
+        tail = [_plain({"role": "user", "content": question, "images": images})]
         exchanges = self.exchanges
         allowed = len(exchanges) if max_turns is None else min(max_turns, len(exchanges))
         budget = max_context_tokens - max_new_tokens
@@ -185,20 +234,29 @@ class Conversation:
             left_out_for_tokens=allowed - best,
         )
 
-    # --- JSON: a list of {"role", "content"} (assistant messages may add "reasoning_content"),
-    # the system prompt first when there is one.
+    # --- JSON: a list of {"role", "content"} (assistant messages may add "reasoning_content", user
+    # messages "images"), the system prompt first when there is one.
 
     def to_json(self) -> List[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [_saved(m) for m in self.messages]
 
     @classmethod
-    def from_json(cls, data) -> "Conversation":
+    def from_json(cls, data, images: Optional[Dict[str, bytes]] = None) -> "Conversation":
+        """Messages as ``to_json`` writes them; ``images`` holds the pictures they refer to (checked)."""
+        images = images or {}
         if not isinstance(data, list):
             raise HistoryError("expected a JSON list of {\"role\", \"content\"} objects")
         for i, message in enumerate(data):
-            if not isinstance(message, dict) or not {"role", "content"} <= set(message) <= {"role", "content", "reasoning_content"}:
+            if not isinstance(message, dict) or not {"role", "content"} <= set(message) <= {"role", "content", "reasoning_content", "images"}:
                 raise HistoryError(f"message {i} must be an object with the keys \"role\" and \"content\" (and \"reasoning_content\" for a reply)")
+            if "images" in message:
+                names = message["images"]
+                if message["role"] != "user" or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise HistoryError(f"message {i}: only a user message may have images, a list of image hashes")
+                missing = [n for n in names if n not in images]
+                if missing:
+                    raise HistoryError(f"message {i} refers to image {missing[0][:16]}…, which the file does not hold")
             if message["role"] not in ROLES:
                 raise HistoryError(f"message {i} has unknown role {message['role']!r}")
             if not isinstance(message["content"], str):
@@ -214,11 +272,25 @@ class Conversation:
                 raise HistoryError(f"messages must alternate user and assistant; found {message['role']!r} where {expected!r} belongs")
         if len(data) % 2:
             raise HistoryError("the last user message has no assistant reply")
-        return cls(system=system, messages=[dict(m) for m in data])
+        used = {n for m in data for n in m.get("images", ())}
+        return cls(system=system, messages=[dict(m) for m in data], images={n: images[n] for n in used})
+
+    def to_file(self):
+        """What ``--save`` writes: the list of messages, or with pictures the object that holds them too."""
+        used = self.used_images()
+        if not used:
+            return self.to_json()
+        return {"format": FORMAT, "version": 1, "messages": self.to_json(), "images": {n: to_base64(d) for n, d in used.items()}}
+
+    @classmethod
+    def from_file(cls, data) -> "Conversation":
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return cls.from_json(data.get("messages"), check_images(data.get("images", {})))
+        return cls.from_json(data)
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), ensure_ascii=False, indent=1)
+        return json.dumps(self.to_file(), ensure_ascii=False, indent=1)
 
     @classmethod
     def loads(cls, text: str) -> "Conversation":
-        return cls.from_json(parse_json(text))
+        return cls.from_file(parse_json(text))

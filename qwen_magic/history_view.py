@@ -11,6 +11,18 @@ def _preview(text: str, width: int = 60) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _size(png) -> str:
+    if png is None:
+        return "?"
+    try:
+        from .images import size_of
+
+        width, height = size_of(png)
+        return f"{width}×{height}"
+    except Exception:  # no PIL here: the label goes without the size
+        return f"{len(png) // 1024} KiB"
+
+
 def history_table(conversation, loaded, settings, options, max_turns):
     """Markdown and plain-text tables of the conversation.
 
@@ -34,22 +46,34 @@ def history_table(conversation, loaded, settings, options, max_turns):
     rows = []
     system = conversation.system or (options.default_system if options else None)
     if system:
-        rows.append(("", "system", system, True, None))
+        rows.append(("", "system", system, True, None, ()))
     for index, message in enumerate(conversation.messages):
         turn = index // 2 + 1
         role = message["role"] + UNFINISHED.get(message.get("unfinished"), "")
-        rows.append((str(turn), role, message["content"], turn > first_sent, message.get("reasoning_content")))
+        rows.append((str(turn), role, message["content"], turn > first_sent, message.get("reasoning_content"),
+                     message.get("images", ())))
+    prompt = getattr(getattr(loaded, "engine", None), "prompt", None) if getattr(loaded, "sees_images", False) else None
 
-    def tokens(text, reasoning=None):
+    def tokens(text, reasoning=None, images=()):
         if loaded is None:
             return "–"
         count = str(count_text_tokens(loaded.tokenizer, text))
+        if images and prompt is not None:  # what the pictures take, as the processor counts them
+            count += f" (+{sum(prompt.image_tokens(conversation.images[name]) for name in images)} image)"
         return f"{count} (+{count_text_tokens(loaded.tokenizer, reasoning)} thinking)" if reasoning else count
+
+    def label(text, images):
+        """A short label for the pictures, never their bytes."""
+        if not images:
+            return _preview(text)
+        sizes = [_size(conversation.images.get(name)) for name in images]
+        return _preview(f"[{len(images)} image{'s' if len(images) != 1 else ''}: {', '.join(sizes)}] {text}")
 
     if not rows:
         return "*The conversation is empty.*", "The conversation is empty."
     header = ["turn", "role", "tokens", "in window", "message"]
-    table = [[turn, role, tokens(text, reasoning), "✓" if inside else "", _preview(text)] for turn, role, text, inside, reasoning in rows]
+    table = [[turn, role, tokens(text, reasoning, images), "✓" if inside else "", label(text, images)]
+             for turn, role, text, inside, reasoning, images in rows]
     summary = f"{exchanges} exchange{'s' if exchanges != 1 else ''}; the next question sends the last {sent}."
     escape = lambda cell: cell.replace("|", "\\|")
     markdown = "\n".join(

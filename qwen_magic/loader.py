@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer: quantization, dtype, devices; free them again."""
+"""Load a causal LM and its tokenizer (a vision-language model also its processor): quantization, dtype, devices; free them again."""
 
 import gc
 import importlib
@@ -35,8 +35,13 @@ class LoadedModel:
     gpu_bytes: int
     context_length: int
     seconds: float
-    engine: object = None  # GenerateEngine or fast.FastEngine
+    engine: object = None  # GenerateEngine, fast.FastEngine or vision.VisionEngine
     engine_note: str = ""
+    processor: object = None  # a vision-language model's (AutoProcessor): it sees images
+
+    @property
+    def sees_images(self) -> bool:
+        return self.processor is not None
 
     @property
     def chat_template(self) -> bool:
@@ -46,7 +51,8 @@ class LoadedModel:
         memory = f"{self.gpu_bytes / 2**30:.1f} GiB GPU memory" if self.gpu_bytes else "no GPU memory"
         return (
             f"Loaded {self.name} · {self.precision} · {self.devices} · {memory} · "
-            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · engine: {self.engine.name}{self.engine_note}"
+            f"context {self.context_length:,} tokens · {self.seconds:.1f} s · "
+            + ("sees images · " if self.sees_images else "") + f"engine: {self.engine.name}{self.engine_note}"
         )
 
 
@@ -101,6 +107,7 @@ class LoadPlan:
     precision: str
     engine: str
     started: float
+    processor: object = None  # a vision-language model's
 
 
 def _check_weights(name: str, source: str) -> None:
@@ -169,6 +176,7 @@ def prepare(
         raise LoadError(f"Could not load the tokenizer of {name}: {_first_line(error)}") from None
     if not tokenizer("Hello", add_special_tokens=False)["input_ids"]:  # newer transformers make an empty one
         raise LoadError(f"Could not load the tokenizer of {name}: it has no vocabulary (tokenizer.json or vocab files missing?).")
+    processor = _processor(name, source, config, common)
 
     if not cuda and bits != 16:
         notify(f"No CUDA GPU here: loading {name} unquantized ({str(compute).replace('torch.', '')}) on the CPU; replies will be slow for large models.")
@@ -190,7 +198,7 @@ def prepare(
     if device_map or cuda:
         kwargs["device_map"] = device_map or "auto"
     return LoadPlan(name=name, source=source, config=config, tokenizer=tokenizer, model_kwargs=kwargs,
-                    precision=precision, engine=engine, started=started)
+                    precision=precision, engine=engine, started=started, processor=processor)
 
 
 def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> LoadedModel:
@@ -198,7 +206,12 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
     name, config, tokenizer = plan.name, plan.config, plan.tokenizer
     notify(f"Loading {name} ({plan.precision}) …")
     try:
-        model = AutoModelForCausalLM.from_pretrained(plan.source, **plan.model_kwargs)
+        if plan.processor is not None:
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(plan.source, **plan.model_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(plan.source, **plan.model_kwargs)
     except ValueError as error:
         if "Unrecognized configuration class" in str(error):
             raise LoadError(f"{name} is a {config.model_type} model, not a causal language model (chat models are).") from None
@@ -217,8 +230,11 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         devices = ", ".join(sorted({str(d) if not isinstance(d, int) else f"cuda:{d}" for d in model.hf_device_map.values()}))
     else:
         devices = str(model.device)
-    context = int(getattr(config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = int(getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
     chosen, note = pick_engine(model, tokenizer, plan.engine, context)
+    if plan.processor is not None:
+        chosen, note = _vision_engine(model, plan.processor, chosen, note)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -230,7 +246,37 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         seconds=time.perf_counter() - plan.started,
         engine=chosen,
         engine_note=note,
+        processor=plan.processor,
     )
+
+
+def _processor(name: str, source: str, config, common: dict):
+    """A vision-language model's processor (image processor, tokenizer, chat template); None for a text model."""
+    if getattr(config, "vision_config", None) is None:
+        return None
+    try:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, **common)
+    except Exception as error:  # missing files, or torchvision / PIL missing for its image processor
+        missing = [m for m in ("torchvision", "PIL") if importlib.util.find_spec(m) is None]
+        hint = f": run %pip install {' '.join('pillow' if m == 'PIL' else m for m in missing)}" if missing else ""
+        raise LoadError(f"Could not load the image processor of {name} ({_first_line(error)}){hint}.") from None
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise LoadError(f"{name} has a vision config but no image processor (preprocessor_config.json missing?).")
+    return processor
+
+
+def _vision_engine(model, processor, chosen, note: str):
+    """A vision-language model's engine: windows with pictures go to ``generate`` with the processor's
+    inputs; windows without go to the fast engine where it was picked (one line says so)."""
+    from .fast import FastEngine
+    from .vision import FAST_NOTE, VisionEngine
+
+    if isinstance(chosen, FastEngine):
+        return VisionEngine(model, processor, text_engine=chosen), note + FAST_NOTE
+    chosen.close()
+    return VisionEngine(model, processor), note
 
 
 def load(name: str, *, notify: Callable[[str], None] = print, **options) -> LoadedModel:

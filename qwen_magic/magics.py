@@ -53,6 +53,7 @@ class QwenMagics(Magics):
     quantized_dir = Unicode(None, allow_none=True, help="Directory where %qwen_load keeps a 4-bit (or 8-bit) copy of each model it quantizes, e.g. on a mounted Google Drive: the first load saves it, later loads read it with no download and no quantization. None: off.").tag(config=True)
     stream = Bool(True, help="Show the reply while it is written (False: show it when it is done).").tag(config=True)
     show_stats = Bool(True, help="Show tokens, speed and context use under each reply.").tag(config=True)
+    image_max_pixels = Int(1024 * 28 * 28, help="Pixel budget of an attached image (vision-language models): larger ones are shrunk, keeping their aspect ratio, when attached. The default, 802,816 (1,024 image tokens of Qwen2.5-VL), keeps a 1024x768 figure whole, and a 7B model in 4 bits with it fits a T4.").tag(config=True)
     thinking = Bool(None, allow_none=True, help="Thinking models (Qwen3, Qwen3.5): True thinks before answering, False answers directly; None: the model's default. Passed to the chat template as enable_thinking.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
@@ -75,6 +76,12 @@ class QwenMagics(Magics):
     def _check_engine(self, proposal):
         if proposal["value"] not in ENGINES:
             raise TraitError(f"engine must be one of {', '.join(ENGINES)}, not {proposal['value']!r}")
+        return proposal["value"]
+
+    @validate("image_max_pixels")
+    def _check_image_max_pixels(self, proposal):
+        if proposal["value"] < 28 * 28:
+            raise TraitError(f"image_max_pixels must be at least 784 (one 28x28 patch group), not {proposal['value']}")
         return proposal["value"]
 
     @validate("server_timeout")
@@ -211,6 +218,8 @@ class QwenMagics(Magics):
     @argument("--no-think", action="store_true", help="a thinking model answers directly (enable_thinking=False)")
     @argument("--with", dest="attach", action="append", default=[], metavar="CELL_OR_NAME",
               help="attach cell N (source, printed output, result, error) or a variable before the message; may repeat")
+    @argument("--image", dest="images", action="append", default=[], metavar="PATH",
+              help="attach an image file (a model that sees images); may repeat")
     @argument("--code", action="store_true", help="put the reply's first code block into a new cell below")
     @argument("--chat", metavar="NAME", default="", help="talk in conversation NAME (created on first use)")
     @line_cell_magic
@@ -226,7 +235,7 @@ class QwenMagics(Magics):
         else:
             args, question = parse_argstring(self.qwen, line), cell
         question = question.strip()
-        if not question and not args.attach:
+        if not question and not args.attach and not args.images:
             raise UsageError("The message is empty: write it in the cell below %%qwen (or after %qwen).")
         problem = first_problem(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
@@ -245,9 +254,14 @@ class QwenMagics(Magics):
             seed=args.seed,
             do_sample=False if args.greedy else None,
         )
-        question = self._with_notebook(question, args.attach)
+        attach = self._attachments()
+        files = [self._image_file(path, attach) for path in args.images]
+        question = self._with_notebook(question, args.attach, attach)
+        if files:
+            question = "\n\n".join([" ".join(files)] + ([question] if question else []))
         reply = self._turn(question, settings, chat=args.chat, new=args.new, system=args.system,
-                           no_history=args.no_history, cell_id=self._cell_id() if cell is not None else None)
+                           no_history=args.no_history, cell_id=self._cell_id() if cell is not None else None,
+                           images=attach.images if attach else None)
         if args.code:
             self._code_to_next_cell(reply.text)
 
@@ -267,20 +281,44 @@ class QwenMagics(Magics):
             source, error = notebook.part("In", number), notebook.part("Err", number)
         except NotebookReferenceError as problem:
             raise UsageError(str(problem)) from None
+        attach = self._attachments()
+        shown = self.notebook(attach).displayed(number) if attach else ""
         question = (
             f"This notebook cell raised an error. Explain what went wrong and how to fix it.\n\n"
             f"```python\n{trim(source)}\n```\n\nThe error:\n```\n{trim(error)}\n```"
+            + (f"\n\nThe cell displayed: {shown}" if shown else "")
         )
-        self._turn(question, self.settings())
+        self._turn(question, self.settings(), images=attach.images if attach else None)
 
     def _require_model(self):
         if self.loaded is None:
             raise UsageError("No model is loaded: run %qwen_load first (e.g. %qwen_load Qwen/Qwen2.5-7B-Instruct).")
 
-    def notebook(self):
+    def notebook(self, attach=None):
         from .notebook import Notebook
 
-        return Notebook(self.shell, self.recorder)
+        return Notebook(self.shell, self.recorder, attach)
+
+    def _attachments(self):
+        """A collector of the message's pictures where the model sees images, else None (images are described)."""
+        if not getattr(self.loaded, "sees_images", False):
+            return None
+        from .images import Attached
+
+        return Attached(self.image_max_pixels)
+
+    def _image_file(self, path, attach):
+        from .images import ImageError, read_file
+
+        if attach is None:
+            raise UsageError(f"{self.loaded.name} does not see images: load a vision-language model "
+                             "(e.g. %qwen_load Qwen/Qwen2.5-VL-7B-Instruct) to attach --image.")
+        try:
+            return attach.add(read_file(os.path.expanduser(path)))
+        except OSError as error:
+            raise UsageError(f"Cannot read --image {path}: {error.strerror or error}; nothing was sent.") from None
+        except ImageError as error:
+            raise UsageError(f"--image {path} is {error}; nothing was sent.") from None
 
     def _trimmer(self):
         from .notebook import trimmer
@@ -289,9 +327,9 @@ class QwenMagics(Magics):
         budget = self.context_budget or max(self.turn_options().max_context_tokens // 8, 64)
         return trimmer(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.decode, budget)
 
-    def _with_notebook(self, question, attach):
-        """The message as sent: --with blocks first, then the text with its references filled in."""
-        notebook, trim = self.notebook(), self._trimmer()
+    def _with_notebook(self, question, attach, pictures=None):
+        """The message as sent: --with blocks first, then the text with its references filled in (pictures into ``pictures``)."""
+        notebook, trim = self.notebook(pictures), self._trimmer()
         try:
             blocks = [
                 notebook.cell_block(int(item), trim) if item.lstrip("-").isdigit() else notebook.variable_block(item, trim)
@@ -309,7 +347,8 @@ class QwenMagics(Magics):
         """The id a front end gave the running cell (JupyterLab, Notebook 7, VS Code), if any."""
         return self.recorder.cell_id if self.recorder.running else None
 
-    def _turn(self, question, settings, *, chat="", new=False, system=None, no_history=False, cell_id=None, drop_last=False):
+    def _turn(self, question, settings, *, chat="", new=False, system=None, no_history=False, cell_id=None, drop_last=False,
+              images=None):
         """One exchange. The conversation is replaced only once the reply is in: a failure changes nothing.
 
         A cell that asked before (same cell id) has its exchange replaced, and the exchanges
@@ -333,7 +372,7 @@ class QwenMagics(Magics):
             print(f"Re-ran this cell: replaced its earlier exchange (turn {index + 1}){dropped}.")
         try:
             reply = ask(working, self.loaded, question, settings, self.turn_options(record=not no_history),
-                        ReplyView(self.shell, live=self.stream), cell_id=cell_id)
+                        ReplyView(self.shell, live=self.stream), cell_id=cell_id, images=images)
         except (PromptTooLong, QwenError) as error:
             raise UsageError(str(error)) from None
         if not no_history:
@@ -353,7 +392,8 @@ class QwenMagics(Magics):
         if not conversation.messages:
             raise UsageError("Nothing to regenerate: the conversation is empty.")
         asked = conversation.messages[-2]
-        self._turn(asked["content"], self.settings(), chat=args.chat, drop_last=True, cell_id=asked.get("cell_id"))
+        images = {name: conversation.images[name] for name in asked.get("images", ())}
+        self._turn(asked["content"], self.settings(), chat=args.chat, drop_last=True, cell_id=asked.get("cell_id"), images=images)
 
     @magic_arguments()
     @argument("--chat", metavar="NAME", default="", help="the conversation (default: the unnamed one)")
@@ -506,8 +546,10 @@ class QwenMagics(Magics):
             print(f"Saved {len(conversation.exchanges)} exchanges to {args.save}.")
         if args.export:
             title = f"Conversation {args.chat}" if args.chat else "Conversation"
-            self._write(args.export, conversation.to_markdown(title))
-            print(f"Exported {len(conversation.exchanges)} exchanges to {args.export}.")
+            files = self._write_images(args.export, conversation.used_images())
+            self._write(args.export, conversation.to_markdown(title, files))
+            pictures = f" and {len(files)} image{'s' if len(files) != 1 else ''} beside it" if files else ""
+            print(f"Exported {len(conversation.exchanges)} exchanges to {args.export}{pictures}.")
         if args.clear:
             self.conversations[args.chat] = Conversation()
             print("The conversation is empty.")
@@ -540,6 +582,21 @@ class QwenMagics(Magics):
         else:
             self.conversations[chat] = loaded
             print(f"Loaded {len(loaded.exchanges)} exchanges from {path}.")
+
+    def _write_images(self, export_path, images):
+        """Each picture as STEM-HASH12.png beside the transcript; their names relative to it."""
+        from .persistence import write_bytes_atomic
+
+        stem = os.path.splitext(os.path.basename(export_path))[0]
+        folder = os.path.dirname(os.path.expanduser(export_path))
+        files = {}
+        for name, png in images.items():
+            files[name] = f"{stem}-{name[:12]}.png"
+            try:
+                write_bytes_atomic(os.path.join(folder, files[name]), png)
+            except OSError as error:
+                raise UsageError(f"Cannot write {files[name]} beside {export_path}: {error.strerror or error}") from None
+        return files
 
     def _write(self, path, text):
         from .persistence import write_atomic

@@ -1,7 +1,10 @@
 """What the notebook showed, as text for the chat: cell sources, results, printed output, errors.
 
-``OutputRecorder`` keeps, per execution count, what each cell printed and the
-traceback of the error it raised (IPython keeps neither), within a memory bound.
+``OutputRecorder`` keeps, per execution count, what each cell printed, the
+traceback of the error it raised and the images it displayed (IPython keeps none
+of them), within a memory bound. For a model that sees images, references attach
+the pictures themselves (an ``images.Attached`` collects them, and the text says
+``[image 1]`` where each belongs); otherwise an image is a one-line description.
 ``interpolate`` replaces ``{In[7]}``, ``{Out[7]}``, ``{Err[-1]}``, ``{Stdout[7]}`` and
 ``{name}`` in a message; it only looks names and cell numbers up and never
 evaluates anything. No model code here: token trimming is passed in.
@@ -17,6 +20,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 REFERENCE = re.compile(r"(?<!\{)\{(?:(In|Out|Err|Stdout)\[(-?\d+)\]|([A-Za-z_][A-Za-z0-9_]*))\}(?!\})")
 KEEP_CELLS = 200  # recorded cells kept, newest first out last
 KEEP_CHARS = 100_000  # characters kept of one cell's printed output (head and tail)
+KEEP_IMAGE_CELLS = 50  # cells whose displayed images are kept
+KEEP_IMAGES = 4  # images kept of one cell (its last ones)
+KEEP_IMAGE_BYTES = 8 * 2**20  # a larger image is not kept
+KEEP_IMAGE_TOTAL = 64 * 2**20  # all kept images together: the oldest cells' go first
 
 
 class NotebookReferenceError(LookupError):
@@ -56,6 +63,9 @@ class OutputRecorder:
         self.keep_cells = keep_cells
         self.printed: "OrderedDict[int, str]" = OrderedDict()
         self.errors: "OrderedDict[int, str]" = OrderedDict()
+        self.images: "OrderedDict[int, List[bytes]]" = OrderedDict()  # PNG or JPEG bytes each cell displayed
+        self._shown: List[bytes] = []
+        self._publisher = None  # the display publisher whose publish we watch while a cell runs
         self._sink: List[str] = []
         self._tees: Tuple = ()
         self._shell = None
@@ -85,6 +95,35 @@ class OutputRecorder:
         self._sink = []
         self._tees = (_Tee(sys.stdout, self._sink), _Tee(sys.stderr, self._sink))
         sys.stdout, sys.stderr = self._tees
+        self._shown = []
+        self._watch_displays()
+
+    def _watch_displays(self) -> None:
+        """Keep the images the cell displays (matplotlib's inline figures arrive this way, at post_execute)."""
+        publisher = getattr(self._shell, "display_pub", None)
+        if publisher is None:
+            return
+        original, shown = publisher.publish, self._shown
+
+        def publish(data, *args, **kwargs):
+            try:
+                if isinstance(data, dict):
+                    from .images import from_bundle
+
+                    image = from_bundle(data)
+                    if image and len(image) <= KEEP_IMAGE_BYTES:
+                        shown.append(image)
+                        del shown[:-KEEP_IMAGES]
+            except Exception:  # recording must never break a display
+                pass
+            return original(data, *args, **kwargs)
+
+        publish.qwen_recorder = True
+        try:
+            publisher.publish = publish
+        except Exception:
+            return
+        self._publisher = publisher
 
     def post_run_cell(self, result=None) -> None:
         self.running = False
@@ -92,6 +131,11 @@ class OutputRecorder:
         count = getattr(result, "execution_count", None)
         if count is None:
             return
+        if self._shown:
+            self._keep(self.images, count, list(self._shown), KEEP_IMAGE_CELLS)
+            self._shown = []
+            while len(self.images) > 1 and sum(len(i) for shown in self.images.values() for i in shown) > KEEP_IMAGE_TOTAL:
+                self.images.popitem(last=False)
         printed = strip_ansi("".join(self._sink))
         self._sink = []
         error = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
@@ -120,6 +164,9 @@ class OutputRecorder:
         return printed
 
     def _restore(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None and getattr(publisher.__dict__.get("publish"), "qwen_recorder", False):
+            del publisher.publish
         if self._tees:
             if sys.stdout is self._tees[0]:
                 sys.stdout = self._tees[0]._stream
@@ -127,9 +174,9 @@ class OutputRecorder:
                 sys.stderr = self._tees[1]._stream
             self._tees = ()
 
-    def _keep(self, store, count, text) -> None:
+    def _keep(self, store, count, text, keep=None) -> None:
         store[count] = text
-        while len(store) > self.keep_cells:
+        while len(store) > (keep or self.keep_cells):
             store.popitem(last=False)
 
     def _format(self, error: BaseException) -> str:
@@ -165,11 +212,33 @@ def describe(value, shell=None) -> str:
 
 
 class Notebook:
-    """Looks up cells and names in a shell, with the recorder's printed output and errors."""
+    """Looks up cells and names in a shell, with the recorder's printed output, errors and images.
 
-    def __init__(self, shell, recorder: OutputRecorder):
+    ``attach``: an ``images.Attached`` when the model sees images; pictures go into it.
+    """
+
+    def __init__(self, shell, recorder: OutputRecorder, attach=None):
         self.shell = shell
         self.recorder = recorder
+        self.attach = attach
+
+    def _picture(self, value) -> Optional[str]:
+        """``[image N]`` for a value that is an image, attached; None for anything else (or a text-only model)."""
+        if self.attach is None:
+            return None
+        from .images import image_of
+
+        data = image_of(value, self.shell)
+        return self.attach.add(data) if data else None
+
+    def displayed(self, number: int) -> str:
+        """The images cell ``number`` displayed, attached (a model that sees images), as ``[image 1] [image 2]``; else ""."""
+        if self.attach is None:
+            return ""
+        return " ".join(self.attach.add(data) for data in self.recorder.images.get(self._cell("In", number), ()))
+
+    def _value(self, value) -> str:
+        return self._picture(value) or describe(value, self.shell)
 
     @property
     def current(self) -> int:
@@ -199,9 +268,13 @@ class Notebook:
             return sources[cell]
         if kind == "Out":
             outputs = self.shell.user_ns.get("Out", {})
+            shown = self.displayed(cell)
             if cell not in outputs:
+                if shown:  # a figure shown by plt.show() or the inline backend: the cell's output is the picture
+                    return shown
                 raise NotebookReferenceError(f"{{Out[{number}]}}: cell {cell} has no result")
-            return describe(outputs[cell], self.shell)
+            value = self._value(outputs[cell])
+            return f"{value} {shown}" if shown and value != shown else value
         store, what = (self.recorder.errors, "raised no error") if kind == "Err" else (self.recorder.printed, "printed nothing")
         if cell not in store:
             raise NotebookReferenceError(f"{{{kind}[{number}]}}: cell {cell} {what} (or ran before qwen_magic was loaded)")
@@ -211,16 +284,25 @@ class Notebook:
         """Everything about one cell, each part labelled: source, printed output, result, error."""
         cell = self._cell("In", number)
         parts = [f"Cell {cell}, source:\n```python\n{trim(self.part('In', cell))}\n```"]
+        outputs = self.shell.user_ns.get("Out", {})
         for kind, label in (("Stdout", "printed output"), ("Out", "result"), ("Err", "error")):
+            if kind == "Out" and cell not in outputs:
+                continue  # displayed images alone come below
             try:
-                parts.append(f"Cell {cell}, {label}:\n```\n{trim(self.part(kind, cell))}\n```")
+                parts.append(f"Cell {cell}, {label}:\n```\n{trim(self.part(kind, cell) if kind != 'Out' else self._value(outputs[cell]))}\n```")
             except NotebookReferenceError:
                 pass
+        shown = self.displayed(cell)
+        if shown:
+            parts.append(f"Cell {cell}, displayed: {shown}")
         return "\n\n".join(parts)
 
     def variable_block(self, name: str, trim: Callable[[str], str]) -> str:
         if name not in self.shell.user_ns:
             raise NotebookReferenceError(f"--with {name}: no variable of that name")
+        picture = self._picture(self.shell.user_ns[name])
+        if picture:
+            return f"Variable `{name}`: {picture}"
         return f"Variable `{name}`:\n```\n{trim(describe(self.shell.user_ns[name], self.shell))}\n```"
 
     def interpolate(self, text: str, trim: Callable[[str], str]) -> Tuple[str, List[str]]:
@@ -234,9 +316,10 @@ class Notebook:
         def fill(match):
             kind, number, key = match.group(1), match.group(2), match.group(3)
             if kind is not None:
-                return trim(self.part(kind, int(number)))
+                found = self.part(kind, int(number))
+                return found if kind == "Out" and found.startswith("[image ") else trim(found)
             if key in self.shell.user_ns:
-                return trim(describe(self.shell.user_ns[key], self.shell))
+                return self._picture(self.shell.user_ns[key]) or trim(describe(self.shell.user_ns[key], self.shell))
             if key not in undefined:
                 undefined.append(key)
             return match.group(0)

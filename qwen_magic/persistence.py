@@ -10,19 +10,24 @@ import os
 import tempfile
 from typing import Dict
 
-from .conversation import Conversation, HistoryError, parse_json
+from .conversation import Conversation, HistoryError, check_images, parse_json
+from .images import to_base64
 
 FORMAT = "qwen_magic.conversations"
 
 
 def write_atomic(path: str, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash mid-write leaves the old file intact."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
     path = os.path.expanduser(path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".qwen-", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
@@ -33,8 +38,13 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def dumps_all(conversations: Dict[str, Conversation]) -> str:
+    """Every conversation by name; the pictures they refer to once, in ``images`` (by hash), where there are any."""
     body = {name: conversation.to_json() for name, conversation in conversations.items()}
-    return json.dumps({"format": FORMAT, "version": 1, "conversations": body}, ensure_ascii=False, indent=1)
+    data = {"format": FORMAT, "version": 1, "conversations": body}
+    images = {name: png for conversation in conversations.values() for name, png in conversation.used_images().items()}
+    if images:
+        data["images"] = {name: to_base64(png) for name, png in images.items()}
+    return json.dumps(data, ensure_ascii=False, indent=1)
 
 
 def loads(text: str):
@@ -47,11 +57,12 @@ def loads(text: str):
         chats = data.get("conversations")
         if not isinstance(chats, dict):
             raise HistoryError('"conversations" must map names to lists of messages')
+        images = check_images(data.get("images", {}))
         loaded = {}
         for name, messages in chats.items():
             try:
-                loaded[name] = Conversation.from_json(messages)
+                loaded[name] = Conversation.from_json(messages, images)
             except HistoryError as error:
                 raise HistoryError(f"conversation {name or '(default)'!r}: {error}") from None
         return loaded
-    return Conversation.from_json(data)
+    return Conversation.from_file(data)

@@ -138,11 +138,24 @@ class RemoteModel:
     seconds: float
     model: object = None
     chat_template: bool = True
+    sees_images: bool = False  # the model's config has a vision part: pictures go as image_url parts
 
     def summary(self) -> str:
         window = "token-exact window" if self.exact_window else "approximate window (no tokenizer at hand: counted at ~3 characters a token)"
         return (f"Connected to {self.url} · model {self.name} · context {self.context_length:,} tokens · {window} · "
-                f"{self.seconds:.1f} s · engine: {self.engine.name}")
+                f"{self.seconds:.1f} s · " + ("sees images · " if self.sees_images else "") + f"engine: {self.engine.name}")
+
+
+def openai_message(message: dict) -> dict:
+    """A chat message as the OpenAI protocol has it: pictures as ``image_url`` parts with a data URL
+    (what vLLM and SGLang take for Qwen2.5-VL and Qwen3-VL), then the text."""
+    pictures = message.get("images")
+    if not pictures:
+        return {"role": message["role"], "content": message["content"]}
+    from .images import data_url
+
+    return {"role": message["role"], "content": [{"type": "image_url", "image_url": {"url": data_url(png)}} for png in pictures]
+            + [{"type": "text", "text": message["content"]}]}
 
 
 class ReasoningTags:
@@ -166,15 +179,17 @@ class ReasoningTags:
 class RemoteEngine:
     name = "OpenAI-compatible server"
 
-    def __init__(self, url: str, model: str, tokenizer, api_key_env: str = "OPENAI_API_KEY", timeout: float = TIMEOUT):
+    def __init__(self, url: str, model: str, tokenizer, api_key_env: str = "OPENAI_API_KEY", timeout: float = TIMEOUT,
+                 prompt=None):
         self.url, self.model, self.tokenizer, self.api_key_env = url, model, tokenizer, api_key_env
+        self.prompt = prompt  # a vision.VisionPrompt where the model's processor is at hand: counts image tokens
         self.timeout = timeout  # QwenMagics.server_timeout, read at each request
         self.client = _client(url, api_key_env, timeout)
         self.noted_extras = False
 
     def request(self, messages, settings: GenerationSettings, continue_final: bool = False) -> dict:
         greedy = not settings.do_sample or settings.temperature == 0
-        body = dict(model=self.model, messages=messages, max_tokens=settings.max_new_tokens, stream=True,
+        body = dict(model=self.model, messages=[openai_message(m) for m in messages], max_tokens=settings.max_new_tokens, stream=True,
                     stream_options={"include_usage": True}, temperature=0.0 if greedy else settings.temperature)
         if not greedy:
             body["top_p"] = settings.top_p
@@ -202,7 +217,11 @@ class RemoteEngine:
         info = {}
         # The chat template's tokens (about three characters a token without a tokenizer); the server's usage
         # figure replaces it when one comes.
-        prompt_tokens = len(prompt_ids(self.tokenizer, messages, continue_final, settings.thinking))
+        if self.prompt is not None and not continue_final:
+            prompt_tokens = self.prompt.count(messages, settings.thinking)
+        else:
+            prompt_tokens = len(prompt_ids(self.tokenizer, [{k: v for k, v in m.items() if k != "images"} for m in messages],
+                                           continue_final, settings.thinking))
         client, url, timeout = self.client.with_options(timeout=self.timeout, max_retries=0), self.url, self.timeout
 
         def read(emit, stop_event, state):
@@ -266,13 +285,30 @@ def connect(url: str, model: str, api_key_env: str = "OPENAI_API_KEY", context_l
     if model not in available:  # some servers (transformers serve, Ollama) load models on demand
         print(f"Note: the server does not list {model!r} (it lists {', '.join(available) or 'nothing'}); it may load it on demand.")
     tokenizer, exact, length = ApproximateTokenizer(), False, context_length or 32768
+    vision, prompt = False, None
     try:
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer, exact = AutoTokenizer.from_pretrained(model), True
-        length = context_length or getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", length)
+        config = AutoConfig.from_pretrained(model)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        length = context_length or getattr(text_config, "max_position_embeddings", length)
+        vision = getattr(config, "vision_config", None) is not None
+        prompt = _vision_prompt(model) if vision else None
     except Exception:  # no tokenizer locally or on the Hub: count approximately
         pass
-    engine = RemoteEngine(url, model, tokenizer, api_key_env, timeout)
+    engine = RemoteEngine(url, model, tokenizer, api_key_env, timeout, prompt)
     return RemoteModel(engine=engine, tokenizer=tokenizer, name=model, url=url, context_length=int(length),
-                       exact_window=exact, seconds=time.perf_counter() - started)
+                       exact_window=exact, seconds=time.perf_counter() - started, sees_images=vision)
+
+
+def _vision_prompt(model: str):
+    """The model's processor, to count image tokens exactly; None where it cannot be loaded here."""
+    try:
+        from transformers import AutoProcessor
+
+        from .vision import VisionPrompt
+
+        return VisionPrompt(AutoProcessor.from_pretrained(model))
+    except Exception:
+        return None

@@ -10,6 +10,10 @@ text (Chinese included) round-trips, usually as several tokens per character,
 which is what the streaming tests need.
 
     python -m qwen_magic.tiny /tmp/tiny-qwen [--endless] [--family qwen3_5_text]
+
+The vision-language families (``qwen2_5_vl``, ``qwen3_vl``) add a tiny vision encoder
+of the real patch and merge sizes, and save a processor (Qwen2-VL's image processor,
+the tokenizer with the vision tokens, a chat template that renders image parts).
 """
 
 import argparse
@@ -17,6 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 THINK_TOKENS = ["<think>", "</think>"]  # added tokens in Qwen3's tokenizer, but not "special": decoding keeps them
 
 _HYBRID = dict(  # Gated DeltaNet layers: three linear-attention layers for each full-attention one
@@ -37,11 +42,34 @@ FAMILIES = {
 }
 
 
+# vision-language family -> (config class, model class, vision config fields, default system prompt)
+VL_FAMILIES = {
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration",
+                   dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=14, spatial_merge_size=2,
+                        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1]),
+                   "You are a helpful assistant."),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration",
+                 dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+                 None),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration",  # the multimodal Qwen3.5 checkpoints (hybrid text model)
+                dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                     temporal_patch_size=2, num_position_embeddings=64),
+                None),
+}
+
+
 def available_families() -> list:
     """The families the installed transformers has (Qwen3.5 needs transformers 5)."""
     import transformers
 
     return [name for name, (config, model, _, _) in FAMILIES.items() if hasattr(transformers, config) and hasattr(transformers, model)]
+
+
+def available_vl_families() -> list:
+    import transformers
+
+    return [name for name, (config, model, _, _) in VL_FAMILIES.items() if hasattr(transformers, config) and hasattr(transformers, model)]
 
 # Enough text to learn merges for the test prompts (English, Chinese, code).
 _CORPUS = [
@@ -66,6 +94,12 @@ def chat_template(style: str = "chatml") -> str:
     return ("{%- set opens_think = true %}\n" + template) if style == "qwen3.5" else template
 
 
+def vl_chat_template(default_system=None) -> str:
+    """The Qwen2.5-VL / Qwen3-VL chat template: image parts become ``<|vision_start|><|image_pad|><|vision_end|>``."""
+    template = resources.files("qwen_magic").joinpath("vl_template.jinja").read_text(encoding="utf-8")
+    return (f"{{%- set default_system = {default_system!r} %}}\n" + template) if default_system else template
+
+
 def build_tokenizer(vocab_size: int = 400, style: str = "chatml"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -80,7 +114,11 @@ def build_tokenizer(vocab_size: int = 400, style: str = "chatml"):
         show_progress=False,
     )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    # A vision processor insists on Qwen2's tokenizer class (transformers 4.x checks); it wraps the same BPE.
+    wrapper = PreTrainedTokenizerFast
+    if style == "vl":
+        from transformers import Qwen2TokenizerFast as wrapper
+    tokenizer = wrapper(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -92,8 +130,68 @@ def build_tokenizer(vocab_size: int = 400, style: str = "chatml"):
         from tokenizers import AddedToken
 
         tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in THINK_TOKENS])
-    tokenizer.chat_template = chat_template(style)
+    tokenizer.chat_template = chat_template(style) if style != "vl" else None
+    if style == "vl":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"] + VISION_TOKENS})
     return tokenizer
+
+
+def write_tiny_vl_model(path, *, family: str = "qwen2_5_vl", seed: int = 0, context_length: int = 4096, **shape) -> Path:
+    """Save a tiny random vision-language model of ``family`` (see VL_FAMILIES) with its processor under ``path``.
+
+    ``shape`` overrides text config fields (``hidden_size=256`` for bitsandbytes' kernels).
+    """
+    import torch
+    import transformers
+    from transformers import GenerationConfig, Qwen2VLImageProcessor
+
+    config_name, model_name, vision_fields, default_system = VL_FAMILIES[family]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(style="vl")
+    template = vl_chat_template(default_system)
+    tokenizer.chat_template = template
+    ids = dict(zip(VISION_TOKENS, tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
+    end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=context_length, eos_token_id=end_ids[0], pad_token_id=end_ids[1],
+                bos_token_id=None, tie_word_embeddings=False)
+    if family == "qwen2_5_vl":
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2]}  # head_dim 8: sections add up to 4
+    elif family == "qwen3_vl":
+        text.update(head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    else:
+        text.update(_HYBRID, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+                                              "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    text.update(shape)
+    vision = dict(vision_fields, out_hidden_size=text["hidden_size"])
+    config = getattr(transformers, config_name)(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0.0, 0.5)
+    model.generation_config = GenerationConfig(eos_token_id=end_ids, pad_token_id=end_ids[1], do_sample=True,
+                                               temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    model.save_pretrained(path)
+    patch, merge = vision_fields["patch_size"], vision_fields["spatial_merge_size"]
+    image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2,
+                                            min_pixels=4 * (patch * merge) ** 2, max_pixels=16384 * (patch * merge) ** 2)
+    processor_class = getattr(transformers, "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor")
+    if family != "qwen2_5_vl":
+        from transformers import Qwen3VLVideoProcessor
+
+        video = Qwen3VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    else:
+        from transformers import Qwen2VLVideoProcessor
+
+        video = Qwen2VLVideoProcessor(patch_size=patch, merge_size=merge, temporal_patch_size=2)
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=template)
+    processor.save_pretrained(path)
+    return path
 
 
 def write_tiny_model(path, *, family: str = "qwen2", seed: int = 0, endless: bool = False, context_length: int = 4096, **shape) -> Path:
@@ -154,9 +252,12 @@ def main(argv=None) -> None:
     parser.add_argument("path", help="directory to write the model to")
     parser.add_argument("--endless", action="store_true", help="never end a reply before max_new_tokens")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="qwen2", help="architecture and chat template style")
+    parser.add_argument("--family", choices=sorted(FAMILIES) + sorted(VL_FAMILIES), default="qwen2", help="architecture and chat template style")
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.path, family=args.family, seed=args.seed, endless=args.endless))
+    if args.family in VL_FAMILIES:
+        print(write_tiny_vl_model(args.path, family=args.family, seed=args.seed))
+    else:
+        print(write_tiny_model(args.path, family=args.family, seed=args.seed, endless=args.endless))
 
 
 if __name__ == "__main__":

@@ -186,3 +186,38 @@ def test_rerunning_a_cell_in_jupyterlab_replaces_its_exchange(kernel, tiny_model
     assert "Re-ran this cell: replaced its earlier exchange (turn 2)." in stdout(messages)
     messages, _ = execute(client, "%qwen_history --json")
     assert [m["content"] for m in json.loads(stdout(messages))][::2] == ["first", "second, again"]
+
+
+def test_a_figure_a_cell_displayed_reaches_the_model_through_with(kernel, tmp_path_factory):
+    """matplotlib's inline backend shows the figure after the cell; --with N sends that picture itself."""
+    pytest.importorskip("torchvision")
+    pytest.importorskip("matplotlib")
+    from qwen_magic.tiny import available_vl_families, write_tiny_vl_model
+
+    if not available_vl_families():
+        pytest.skip("this transformers has no Qwen vision-language classes")
+    model = write_tiny_vl_model(tmp_path_factory.mktemp("kernel-vl"), family=available_vl_families()[0])
+    _, client = kernel
+    for code in ["%load_ext qwen_magic", f"%qwen_load {model}", "%qwen_history --clear",
+                 # what the processor receives, recorded in the kernel
+                 "import qwen_magic.vision as _v\n_sizes = []\n_open = _v.open_image\n"
+                 "_v.open_image = lambda data: _sizes.append(_open(data).size) or _open(data)"]:
+        messages, reply = execute(client, code)
+        assert reply["content"]["status"] == "ok", messages
+    messages, reply = execute(client, "%matplotlib inline\nimport matplotlib.pyplot as plt\nplt.plot([1, 4, 2, 3])\nplt.title('sales')")
+    figure = reply["content"]["execution_count"]
+    shown = [m for m in displays(messages) if "image/png" in m["content"]["data"]]
+    assert len(shown) == 1
+    import base64
+    import io
+
+    from PIL import Image
+
+    size = Image.open(io.BytesIO(base64.b64decode(shown[0]["content"]["data"]["image/png"]))).size
+    messages, reply = execute(client, f"%%qwen --with {figure} --max-new-tokens 3\nWhat does this plot show?")
+    assert reply["content"]["status"] == "ok", messages
+    messages, _ = execute(client, "print(sorted(set(_sizes)))")  # opened to count its tokens, and for the model's inputs
+    assert stdout(messages).strip() == str([size])
+    messages, _ = execute(client, "%qwen_history --json")
+    sent = json.loads(stdout(messages))[0]
+    assert f"Cell {figure}, displayed: [image 1]" in sent["content"] and len(sent["images"]) == 1

@@ -158,3 +158,17 @@ def test_unloading_stops_recording_and_restores_the_streams(ip, tiny_model_dir):
     cell(ip, "print('after unload')")
     assert sys.stdout is stdout
     assert "after unload\n" not in recorder.printed.values()
+
+
+def test_displayed_images_are_recorded_within_a_bound(ip, qwen, monkeypatch):
+    from qwen_magic import notebook
+
+    monkeypatch.setattr(notebook, "KEEP_IMAGE_TOTAL", 10_000)
+    code = ("from IPython.display import display\n"
+            "display({'image/png': b'\\x89PNG' + bytes(3000), 'text/plain': 'a picture'}, raw=True)")
+    counts = [cell(ip, code) for _ in range(5)]
+    assert list(qwen.recorder.images) == counts[-3:]  # 3 cells of 3,004 bytes fit in 10,000
+    assert all(len(shown) == 1 and shown[0].startswith(b"\x89PNG") for shown in qwen.recorder.images.values())
+    for count in range(KEEP_CELLS):
+        cell(ip, code.replace("3000", "10"))
+    assert len(qwen.recorder.images) == notebook.KEEP_IMAGE_CELLS
