@@ -31,6 +31,8 @@ SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_
 @pytest.fixture(scope="module", params=available_vl_families())
 def vl_dir(request, tmp_path_factory):
     shape = dict(SHAPE, num_hidden_layers=4) if request.param == "qwen3_5" else SHAPE  # a hybrid model's 3 : 1 layers
+    if request.param == "qwen2_5_vl":  # head_dim 64: the 3-D rotary sections add up to 32, as Qwen2.5-VL's [16, 24, 24] do to 64
+        shape = dict(shape, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
     return str(write_tiny_vl_model(tmp_path_factory.mktemp(request.param), family=request.param, **shape))
 
 

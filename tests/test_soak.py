@@ -146,7 +146,9 @@ def test_fifty_turns_on_the_7b_shaped_model_keep_gpu_memory_flat(tmp_path_factor
             "per_turn": [(c, mib(a), mib(r)) for c, a, r in rows]}))
         assert len(steady) >= 20, "the cache kept growing: the window should cap the prompt"
         assert max(r[1] for r in steady) - min(r[1] for r in steady) <= 8 * 2**20  # allocated: flat
-        assert rows[-1][2] - steady[0][2] <= 64 * 2**20  # the peak reserved stops rising too
+        # The allocator's reserved pool may take one step while the window fills (seen: +130 MiB at turn 14 on an
+        # H100, allocated memory unchanged); over the last 30 turns it must not move at all.
+        assert rows[-1][2] == rows[-30][2] and rows[-1][2] - steady[0][2] <= 256 * 2**20
         assert len(magics.conversation.messages) == 100
     finally:
         ip.extension_manager.unload_extension("qwen_magic")
