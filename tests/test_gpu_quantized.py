@@ -18,8 +18,7 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"),
 ]
 
-# Wide enough (a multiple of bitsandbytes' 64-value blocks) for its batch-1 4-bit kernels.
-SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+from test_gpu import SHAPE  # noqa: E402  the width bitsandbytes' batch-1 4-bit kernels take
 
 
 @pytest.fixture(scope="module")
