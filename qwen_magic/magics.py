@@ -13,12 +13,15 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 from traitlets import Bool, Float, Int, TraitError, Unicode, observe, validate
 
-from .conversation import Conversation, HistoryError, PromptTooLong
+from .conversation import Conversation, PromptTooLong
 from .display import MarkdownText, ReplyView
 from .errors import QwenError
 from .history_view import history_table
 from .notebook import NotebookReferenceError, OutputRecorder
-from .settings import CHECKS, GenerationSettings, first_problem
+from .magics_context import ContextMixin
+from .magics_files import FilesMixin
+from .magics_settings import SettingsMixin
+from .settings import CHECKS, first_problem
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 ENGINES = ("auto", "fast", "generate")
@@ -30,7 +33,7 @@ def parse_argstring(magic, line):
 
 
 @magics_class
-class QwenMagics(Magics):
+class QwenMagics(SettingsMixin, ContextMixin, FilesMixin, Magics):
     """Chat with a local Qwen model from notebook cells."""
 
     model = Unicode(DEFAULT_MODEL, help="Model that %qwen_load loads when given none: a Hub id or a local directory.").tag(config=True)
@@ -294,59 +297,6 @@ class QwenMagics(Magics):
         if self.loaded is None:
             raise UsageError("No model is loaded: run %qwen_load first (e.g. %qwen_load Qwen/Qwen2.5-7B-Instruct).")
 
-    def notebook(self, attach=None):
-        from .notebook import Notebook
-
-        return Notebook(self.shell, self.recorder, attach)
-
-    def _attachments(self):
-        """A collector of the message's pictures where the model sees images, else None (images are described)."""
-        if not getattr(self.loaded, "sees_images", False):
-            return None
-        from .images import Attached
-
-        return Attached(self.image_max_pixels)
-
-    def _image_file(self, path, attach):
-        from .images import ImageError, read_file
-
-        if attach is None:
-            raise UsageError(f"{self.loaded.name} does not see images: load a vision-language model "
-                             "(e.g. %qwen_load Qwen/Qwen2.5-VL-7B-Instruct) to attach --image.")
-        try:
-            return attach.add(read_file(os.path.expanduser(path)))
-        except OSError as error:
-            raise UsageError(f"Cannot read --image {path}: {error.strerror or error}; nothing was sent.") from None
-        except ImageError as error:
-            raise UsageError(f"--image {path} is {error}; nothing was sent.") from None
-
-    def _trimmer(self):
-        from .notebook import trimmer
-
-        tokenizer = self.loaded.tokenizer
-        budget = self.context_budget or max(self.turn_options().max_context_tokens // 8, 64)
-        return trimmer(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.decode, budget)
-
-    def _with_notebook(self, question, attach, pictures=None):
-        """The message as sent: --with blocks first, then the text with its references filled in (pictures into ``pictures``)."""
-        notebook, trim = self.notebook(pictures), self._trimmer()
-        try:
-            blocks = [
-                notebook.cell_block(int(item), trim) if item.lstrip("-").isdigit() else notebook.variable_block(item, trim)
-                for item in attach
-            ]
-            question, undefined = notebook.interpolate(question, trim)
-        except NotebookReferenceError as problem:
-            raise UsageError(f"{problem}; nothing was sent.") from None
-        if undefined:
-            names = ", ".join("{" + name + "}" for name in undefined)
-            print(f"Note: {names} {'is' if len(undefined) == 1 else 'are'} not defined here, so sent as written.")
-        return "\n\n".join(blocks + ([question] if question else []))
-
-    def _cell_id(self):
-        """The id a front end gave the running cell (JupyterLab, Notebook 7, VS Code), if any."""
-        return self.recorder.cell_id if self.recorder.running else None
-
     def _turn(self, question, settings, *, chat="", new=False, system=None, no_history=False, cell_id=None, drop_last=False,
               images=None):
         """One exchange. The conversation is replaced only once the reply is in: a failure changes nothing.
@@ -429,93 +379,6 @@ class QwenMagics(Magics):
             raise UsageError(f"There is no conversation named {chat!r}: start it with %%qwen --chat {chat}.")
         return self.conversations[chat]
 
-    def _autosave(self):
-        """Write every conversation to QwenMagics.autosave; a failure is reported once and the chat goes on."""
-        if not self.autosave:
-            return
-        from .persistence import dumps_all, write_atomic
-
-        try:
-            write_atomic(self.autosave, dumps_all(self.conversations))
-        except OSError as error:
-            if self._autosave_failed != self.autosave:
-                self._autosave_failed = self.autosave
-                print(f"Warning: cannot autosave to {self.autosave} ({error.strerror or error}); "
-                      "the chat goes on unsaved, and what was saved there before is untouched.")
-            return
-        if self._autosave_failed == self.autosave:
-            print(f"Autosaving to {self.autosave} works again.")
-        self._autosave_failed = None
-
-    def _code_to_next_cell(self, text):
-        import re
-
-        block = re.search(r"```[^\n`]*\n(.*?)```", text, re.DOTALL)
-        if block is None:
-            print("The reply has no code block to put in a cell.")
-            return
-        self.shell.set_next_input(block.group(1).rstrip("\n"), replace=False)
-        print("The reply's first code block is in a new cell below (if none appeared, copy it from the reply).")
-
-    def settings(self, thinking=None) -> GenerationSettings:
-        """The settings of one reply: cell flags aside, %config values, else what the model asks for.
-
-        ``thinking`` (a cell's --think or --no-think) overrides QwenMagics.thinking; asking a model
-        whose template has no thinking switch is refused in one line.
-        """
-        thinking = self.thinking if thinking is None else thinking
-        sampling = self._model_sampling(thinking)
-        return GenerationSettings(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            temperature=sampling["temperature"] if self.temperature is None else self.temperature,
-            top_p=sampling["top_p"] if self.top_p is None else self.top_p,
-            top_k=sampling.get("top_k") if self.top_k is None else self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            thinking=thinking,
-        )
-
-    def _model_sampling(self, thinking):
-        from .prompt import has_chat_template, supports_thinking
-        from .settings import model_sampling
-
-        loaded = self.loaded
-        tokenizer = getattr(loaded, "tokenizer", None)
-        switchable = tokenizer is not None and supports_thinking(tokenizer)
-        if thinking is not None and loaded is not None and has_chat_template(tokenizer) and not switchable:
-            raise UsageError(f"{loaded.name}'s chat template has no thinking switch (enable_thinking): "
-                             "drop --think/--no-think, or set QwenMagics.thinking = None.")
-        model = getattr(loaded, "model", None)
-        config = getattr(model, "config", None)
-        return model_sampling(getattr(model, "generation_config", None), getattr(config, "model_type", ""), thinking, switchable)
-
-    def _sampling_note(self) -> str:
-        """The sampling in effect, for the line %qwen_load prints."""
-        try:
-            settings, sampling = self.settings(), self._model_sampling(self.thinking)
-        except UsageError:
-            return ""
-        if not settings.do_sample or settings.temperature == 0:
-            return " · greedy decoding"
-        source = "your settings" if self.temperature is not None or self.top_p is not None else sampling["source"]
-        defaults = getattr(getattr(self.loaded, "model", None), "generation_config", None)
-        top_k = settings.top_k if settings.top_k is not None else getattr(defaults, "top_k", None)
-        penalty = settings.repetition_penalty if settings.repetition_penalty is not None else getattr(defaults, "repetition_penalty", None)
-        extra = (f", top-k {top_k}" if top_k else "") + (f", repetition penalty {penalty:g}" if penalty not in (None, 1.0) else "")
-        return f" · sampling: temperature {settings.temperature:g}, top-p {settings.top_p:g}{extra} ({source})"
-
-    def turn_options(self, record=True):
-        from .chat import TurnOptions
-
-        return TurnOptions(
-            max_turns=self.max_turns,
-            max_context_tokens=self.max_context_tokens or self.loaded.context_length,
-            default_system=self.system_prompt,
-            show_stats=self.show_stats,
-            record=record,
-        )
-
     # --- history
 
     @magic_arguments()
@@ -562,46 +425,5 @@ class QwenMagics(Magics):
 
             display(MarkdownText(markdown, plain))
 
-    def _load_history(self, path, chat):
-        from .persistence import loads
 
-        try:
-            with open(os.path.expanduser(path), encoding="utf-8") as file:
-                loaded = loads(file.read())
-        except OSError as error:
-            raise UsageError(f"Cannot read {path}: {error.strerror or error}") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"{path} is not a UTF-8 text file; the conversation is unchanged.") from None
-        except HistoryError as error:
-            raise UsageError(f"{path} is not a conversation ({error}); the conversation is unchanged.") from None
-        if isinstance(loaded, dict):
-            self.conversations.update(loaded)
-            self.conversations.setdefault("", Conversation())
-            names = ", ".join(repr(name) if name else "the default" for name in loaded)
-            print(f"Restored {len(loaded)} conversation{'s' if len(loaded) != 1 else ''} from {path}: {names}.")
-        else:
-            self.conversations[chat] = loaded
-            print(f"Loaded {len(loaded.exchanges)} exchanges from {path}.")
 
-    def _write_images(self, export_path, images):
-        """Each picture as STEM-HASH12.png beside the transcript; their names relative to it."""
-        from .persistence import write_bytes_atomic
-
-        stem = os.path.splitext(os.path.basename(export_path))[0]
-        folder = os.path.dirname(os.path.expanduser(export_path))
-        files = {}
-        for name, png in images.items():
-            files[name] = f"{stem}-{name[:12]}.png"
-            try:
-                write_bytes_atomic(os.path.join(folder, files[name]), png)
-            except OSError as error:
-                raise UsageError(f"Cannot write {files[name]} beside {export_path}: {error.strerror or error}") from None
-        return files
-
-    def _write(self, path, text):
-        from .persistence import write_atomic
-
-        try:
-            write_atomic(path, text)
-        except OSError as error:
-            raise UsageError(f"Cannot write {path}: {error.strerror or error}") from None
