@@ -124,6 +124,53 @@ def classic_generate(model, ids, new_tokens, **sampling):
     )
 
 
+SWEEP = (100, 700, 2500, 8000, 16000)  # prompt lengths for first-token times, each seen first in the sweep
+
+
+def question_of(tokenizer, tokens):
+    """One user message of filler text whose prompt is about ``tokens`` long (a long first question)."""
+    text = " ".join(_CORPUS[i % len(_CORPUS)] for i in range(tokens // 4 + 50))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    while len(ids) < tokens:
+        ids = ids + ids
+    overhead = len(prompt_ids(tokenizer, [{"role": "user", "content": ""}]))
+    return [{"role": "user", "content": tokenizer.decode(ids[:max(1, tokens - overhead)])}]
+
+
+def recipe_sweep(model, tokenizer, lengths, results):
+    """The recipe's first-token time per prompt length: the first time that length is seen, and repeated."""
+    for n in lengths:
+        ids = prompt_ids(tokenizer, question_of(tokenizer, n))
+        first, _ = sync_time(lambda: classic_generate(model, ids, 1, **TUTORIAL))
+        again = statistics.median(sync_time(lambda: classic_generate(model, ids, 1, **TUTORIAL))[0] for _ in range(3))
+        results[f"sweep_tokens_{n}"] = len(ids)
+        results[f"sweep_classic_first_{n}"], results[f"sweep_classic_repeat_{n}"] = first, again
+
+
+def fast_sweep(engine, tokenizer, lengths, results):
+    """qwen_magic's first-token time for a first question (a new conversation, nothing of it cached), the first
+    time a prompt length is seen and repeated; then with the cache rebuilt (dropped first); and a graph capture."""
+    one = GenerationSettings(max_new_tokens=1, temperature=0.7, top_p=0.9)
+    for n in lengths:
+        messages = question_of(tokenizer, n)
+        times = []
+        for _ in range(4):
+            engine.cached_ids = []  # a new conversation: nothing to reuse
+            if engine.states is not None:
+                engine.states.clear()
+            torch.cuda.synchronize()
+            times.append(generate_reply(engine, messages, one).first_token_seconds)
+        results[f"sweep_ours_first_{n}"], results[f"sweep_ours_repeat_{n}"] = times[0], statistics.median(times[1:])
+        engine._drop_cache()
+        torch.cuda.synchronize()
+        results[f"sweep_ours_rebuilt_{n}"] = generate_reply(engine, messages, one).first_token_seconds
+    with torch.inference_mode():  # a cache that grows: its graph is captured between two tokens
+        engine._drop_cache()
+        engine.prefill([0] * 8, reserve=2 * FIRST_CAPACITY)
+        seconds, _ = sync_time(lambda: engine._capture())
+        results["capture_s_grown"] = seconds
+
+
 def peak_memory(args):
     """Load, then one turn with HISTORY tokens of history and TOKENS new ones; print the peaks as JSON."""
     engine = "generate" if args.peak == "classic" else "auto"
@@ -148,6 +195,7 @@ def main():
     parser.add_argument("--dtype", default="float16", help="compute dtype (float16 is what a T4 uses)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--history", type=int, nargs="+", default=[512, 2000, 8000])
+    parser.add_argument("--sweep", type=int, nargs="*", default=list(SWEEP), help="prompt lengths for first-token times")
     parser.add_argument("--model-dir", help="reuse a model built earlier")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-7b", help="the model shape to build")
     parser.add_argument("--peak", choices=("classic", "ours"), help="only measure that side's peak memory (one JSON line)")
@@ -182,6 +230,7 @@ def main():
         first, _ = sync_time(lambda: classic_generate(model, question, 1, **sampling))
         whole, _ = sync_time(lambda: classic_generate(model, question, args.tokens, **sampling))
         results[f"decode_tps_classic_{name}"] = (args.tokens - 1) / (whole - first)
+    recipe_sweep(model, tokenizer, args.sweep, results)
     histories = {n: history_of(tokenizer, n) for n in args.history}
     new_message = {"role": "user", "content": "它有什么好吃的美食吗?"}
     for n, history in histories.items():
@@ -203,6 +252,7 @@ def main():
     settings = {name: GenerationSettings(max_new_tokens=args.tokens, do_sample=name == "sampled", temperature=0.7, top_p=0.9)
                 for name in ("sampled", "greedy")}
     question_messages = [{"role": "user", "content": QUESTION}]
+    fast_sweep(engine, tokenizer, args.sweep, results)  # first, as a user's first questions come after the load
     generate_reply(engine, question_messages, settings["sampled"])  # warm-up (and the cache sized)
     for name in ("sampled", "greedy"):
         rates = [generate_reply(engine, question_messages, settings[name]).tokens_per_second for _ in range(3)]
@@ -274,6 +324,19 @@ def report(r, args):
         "uncached first turn, qwen_magic: " + ", ".join(f"{r[f'ttft_s_ours_uncached_{n}']:.3f} s at {n}" for n in args.history),
         "cached tokens reused: " + ", ".join(f"{r[f'cached_tokens_{n}']:,} of {r[f'history_tokens_{n}']:,}" for n in args.history),
     ]
+    if args.sweep:
+        lines += [
+            "",
+            "First question (a new conversation): time to first token (s); first time a prompt length is seen, and repeated.",
+            "",
+            "| prompt tokens | recipe, first | recipe, repeat | qwen_magic, first | qwen_magic, repeat | qwen_magic, cache rebuilt | ours/recipe (first) | first/repeat (ours) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n in args.sweep:
+            c1, c2 = r[f"sweep_classic_first_{n}"], r[f"sweep_classic_repeat_{n}"]
+            o1, o2, o3 = r[f"sweep_ours_first_{n}"], r[f"sweep_ours_repeat_{n}"], r[f"sweep_ours_rebuilt_{n}"]
+            lines.append(f"| {r[f'sweep_tokens_{n}']:,} | {c1:.3f} | {c2:.3f} | {o1:.3f} | {o2:.3f} | {o3:.3f} | {o1 / c1:.2f} | {o1 / o2:.2f} |")
+        lines.append(f"\ngraph capture for a grown cache ({2 * FIRST_CAPACITY:,}+ tokens): {1000 * r['capture_s_grown']:.0f} ms")
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -35,8 +35,17 @@ SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead
 ATTENTION = "qwen_magic_gqa"
 
 
+_filled = threading.local()  # how many cache positions hold real keys during a prefill forward (``.end``)
+
+
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """Attention for a few query tokens against a long static cache.
+    """Attention against a static cache: a prefill reads only the filled part, decode groups heads.
+
+    A prefill (more than SMALL_QUERY query tokens) attends to the positions written so
+    far, not to the whole static cache: from position 0 that is exactly the classic
+    recipe's causal attention (no mask, so SDPA takes its flash kernel, as the recipe
+    does), and after a cached prefix a mask cut to the filled length, on kernels that
+    build no per-shape plan (cuDNN's plan builds stalled the first prompt of each length).
 
     transformers' SDPA path copies each key/value head once per query head that
     shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
@@ -46,6 +55,16 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
+    end = getattr(_filled, "end", None)
+    if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
+        key, value = key[:, :, :end], value[:, :, :end]
+        if end == length and getattr(module, "sliding_window", None) is None:
+            # The whole prompt from position 0: plain causal attention, as the recipe runs it.
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :end]
+        with _no_plan_kernels():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads
@@ -58,6 +77,17 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
     output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _no_plan_kernels():
+    """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape; as before elsewhere."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: whatever it picks
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _register_attention() -> None:
@@ -160,6 +190,7 @@ class FastEngine:
         self.capacity = 0
         self.cached_ids: List[int] = []  # tokens whose keys and values the cache holds, from position 0
         self.graph = None
+        self.captured = False  # a graph was captured once: later captures skip the warm-up steps
         self.cache_keyword = cache_keyword(model)
         self.hybrid = is_hybrid(model.config)
         self.states: Optional[HybridStates] = None  # the recurrent layers of a hybrid model's cache
@@ -234,10 +265,14 @@ class FastEngine:
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         self._write_at(start)
         self.write_position = start + ids.shape[1]
-        out = self.model(
-            input_ids=ids, cache_position=positions, position_ids=positions[None], use_cache=True, logits_to_keep=1,
-            **{self.cache_keyword: self.cache},
-        )
+        _filled.end = start + ids.shape[1]
+        try:
+            out = self.model(
+                input_ids=ids, cache_position=positions, position_ids=positions[None], use_cache=True, logits_to_keep=1,
+                **{self.cache_keyword: self.cache},
+            )
+        finally:
+            _filled.end = None
         return out.logits[:, -1, :]
 
     def prefill(self, ids: List[int], reserve: int = 0, stop_event=None, marks=()) -> torch.Tensor:
@@ -298,18 +333,23 @@ class FastEngine:
         # Warm-up runs really write keys and values: aim them at the last slot, which no turn has reached yet.
         self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
         saved = self.states.take(()) if self.states is not None else None  # warm-up steps fold into the recurrent state
+        # Warm-up steps let libraries set themselves up outside the capture; once is enough per engine, so a
+        # cache that grows later captures its new graph without them (a shorter pause between two tokens).
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(0 if self.captured else 2):
                 self.write_position = None
                 self._write_at(self.capacity - 1)
                 self._step_eager(self.static_token, self.static_position)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        self.write_position = None
+        self._write_at(self.capacity - 1)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.static_logits = self._step_eager(self.static_token, self.static_position)
         self.graph = graph
+        self.captured = True
         self.write_position = None  # the counter, if any, is where the warm-up left it
         if saved is not None:
             self.states.put_back(saved)
@@ -385,26 +425,36 @@ class FastEngine:
             return  # interrupted during a long prefill: no reply at all
         host = torch.empty(settings.max_new_tokens, dtype=torch.long, pin_memory=self.device.type == "cuda")
         token, position = sampler(logits), len(ids)
+        last = settings.max_new_tokens - 1
         for i in range(settings.max_new_tokens):
             host[i:i + 1].copy_(token.view(1), non_blocking=True)
             ready = torch.cuda.Event() if self.device.type == "cuda" else None
             if ready is not None:
                 ready.record()
+            if i == 0:
+                # The first token shows as soon as the prefill ends, before a step (or a graph capture) is queued.
+                if ready is not None:
+                    ready.synchronize()
+                value = int(host[0])
+                timings["first_token"] = clock()
+                emit([value])
+                if value in self.end_ids or stop_event.is_set() or i == last:
+                    break
             following = None
-            if i + 1 < settings.max_new_tokens:
+            if i < last:
                 # Queue the next step before reading this token: the GPU keeps working meanwhile.
                 following = sampler(self.step(token, position))
-            if ready is not None:
-                ready.synchronize()
-            value = int(host[i])
-            if i == 0:
-                timings["first_token"] = clock()
+            if i > 0:
+                if ready is not None:
+                    ready.synchronize()
+                value = int(host[i])
             if following is not None:
                 self.cached_ids.append(value)
                 position += 1
-            emit([value])
-            if value in self.end_ids or stop_event.is_set() or following is None:
-                break
+            if i > 0:
+                emit([value])
+                if value in self.end_ids or stop_event.is_set() or following is None:
+                    break
             token = following
         if self.states is not None and len(self.cached_ids) > len(ids):
             self.states.record(self.cached_ids)  # the next turn may drop this reply (thinking), or undo it

@@ -91,6 +91,38 @@ def test_the_cache_grows_when_a_conversation_outgrows_it(engine, model_and_token
     assert relative_error(got, reference_logits(model, longer, short)) < 1e-5
 
 
+def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monkeypatch):
+    """From position 0 a prefill is the recipe's causal attention (no mask); after a cached prefix, or in a
+    later chunk, it reads the positions written so far under the mask cut to them, never the empty rest."""
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(fast, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
+    seen = []
+    original = fast.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape[2], key.shape[2], attention_mask is None))
+        return original(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(fast, "sdpa_attention_forward", spy)
+    first = tokenizer("介绍广州这座城市, please, in a few words, and its food too.", add_special_tokens=False)["input_ids"]
+    reply = tokenizer(" Guangzhou is a city.", add_special_tokens=False)["input_ids"]
+    assert len(first) > 32  # several chunks
+    got = forced_logits(engine, first, reply)
+    assert relative_error(got, reference_logits(model, first, reply)) < 1e-5
+    layers = model.config.num_hidden_layers
+    prefills = [entry for entry in seen if entry[0] > 4]
+    assert prefills[0] == (16, 16, True)  # the first chunk: plain causal attention over its own 16 positions
+    assert prefills[layers] == (16, 32, False)  # the second: the filled 16 and its own, under the cut mask
+    assert engine.capacity > len(first) + len(reply)  # the cache itself is longer than anything read
+    seen.clear()
+    longer = first + reply + tokenizer(" 它有什么好吃的美食吗? Tell me more, more, and more about it.", add_special_tokens=False)["input_ids"]
+    got = forced_logits(engine, longer, reply)
+    assert 0 < engine.reused < len(longer)
+    assert relative_error(got, reference_logits(model, longer, reply)) < 1e-5
+    assert all(key == engine.reused + query and not unmasked for query, key, unmasked in seen[:layers])
+
+
 def test_greedy_replies_equal_the_classic_recipe(engine, classic):
     settings = GenerationSettings(do_sample=False, max_new_tokens=16)
     history = []
