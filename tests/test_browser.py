@@ -113,8 +113,30 @@ def open_notebook(browser, lab, name):
     )
     if page.locator(".jp-Dialog", has_text="Select Kernel").count():
         page.locator(".jp-Dialog .jp-mod-accept").click()
+    ensure_kernel(page)
     wait_idle(page)
     return page
+
+
+def ensure_kernel(page):
+    """The notebook has its Python kernel. A "Select Kernel" dialog shown before the kernel list arrived
+    (a busy machine) offers only "No Kernel", and accepting it leaves the notebook without one: pick Python."""
+    name = page.locator(".jp-NotebookPanel-toolbar .jp-Toolbar-kernelName")
+    for _ in range(3):
+        page.wait_for_timeout(500)
+        if "No Kernel" not in (name.text_content() or ""):
+            return
+        if not page.locator(".jp-Dialog").count():
+            name.click()
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.jp-Dialog select option')].some(o => /Python 3/.test(o.textContent))",
+            timeout=CELL_TIMEOUT,
+        )
+        dialog = page.locator(".jp-Dialog")
+        label = next(text for text in dialog.locator("select option").all_text_contents() if "Python 3" in text)
+        dialog.locator("select").select_option(label=label)
+        dialog.locator(".jp-mod-accept").click()
+    assert "No Kernel" not in (name.text_content() or ""), "the notebook got no kernel"
 
 
 def wait_idle(page, all_ran=False):
