@@ -126,6 +126,10 @@ def reusable(cached: Optional[Layout], cached_ids: List[int], new: Layout) -> in
     if cached is None:
         return 0
     n = common_prefix(cached_ids, new.ids)
+    if n:
+        same = (cached.rotary(n) == new.rotary(n)).all(dim=0)
+        if not bool(same.all()):
+            n = int((~same).nonzero()[0])
     old_spans = {(start, end): name for start, end, name in cached.spans}
     for start, end, name in new.spans:
         if start < n and old_spans.get((start, end)) != name:
@@ -134,10 +138,6 @@ def reusable(cached: Optional[Layout], cached_ids: List[int], new: Layout) -> in
     for start, end, _ in new.spans:
         if start < n < end:
             n = start  # never keep part of a picture
-    if n:
-        same = (cached.rotary(n) == new.rotary(n)).all(dim=0)
-        if not bool(same.all()):
-            n = int((~same).nonzero()[0])
     return n
 
 
