@@ -267,7 +267,7 @@ class VisionEngine:
             extra = {"position_ids": positions[:, None, start:end]}
             inside = [k for k, (first, last, _) in enumerate(layout.spans) if start <= first and last <= end]
             if inside:
-                extra["pixel_values"] = torch.cat([pixels[rows[k]:rows[k + 1]] for k in inside]).to(device, self.model.dtype)
+                extra["pixel_values"] = torch.cat([pixels[rows[k]:rows[k + 1]] for k in inside]).to(device)  # as the recipe passes them
                 extra["image_grid_thw"] = grids[inside].to(device)
             return end, extra
 
