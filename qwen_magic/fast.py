@@ -193,6 +193,11 @@ class FastEngine:
         self.captured = False  # a graph was captured once: later captures skip the warm-up steps
         self.cache_keyword = cache_keyword(model)
         self.hybrid = is_hybrid(model.config)
+        # A vision-language model's hooks (vision.py): decode positions are the text position plus rope_delta (a
+        # device tensor, filled in place: a captured graph reads it), and chunk_inputs(start, end) -> (end, kwargs)
+        # gives a prefill chunk its pictures and 3-D positions.
+        self.rope_delta = torch.zeros(1, dtype=torch.long, device=self.device) if getattr(model.config, "vision_config", None) is not None else None
+        self.chunk_inputs = None
         self.states: Optional[HybridStates] = None  # the recurrent layers of a hybrid model's cache
         # Only models on SDPA get the grouped attention (and get SDPA back on close).
         self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
@@ -261,16 +266,14 @@ class FastEngine:
                 counter.fill_(position)
         self.write_position = position
 
-    def _forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, start: int, extra=None) -> torch.Tensor:
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         self._write_at(start)
         self.write_position = start + ids.shape[1]
         _filled.end = start + ids.shape[1]
+        kwargs = {"position_ids": positions[None], self.cache_keyword: self.cache, **(extra or {})}
         try:
-            out = self.model(
-                input_ids=ids, cache_position=positions, position_ids=positions[None], use_cache=True, logits_to_keep=1,
-                **{self.cache_keyword: self.cache},
-            )
+            out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
         finally:
             _filled.end = None
         return out.logits[:, -1, :]
@@ -296,7 +299,10 @@ class FastEngine:
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
             end = min([start + PREFILL_CHUNK, len(ids)] + [m for m in marks if m > start])
-            logits = self._forward(torch.tensor([ids[start:end]], device=self.device), start)
+            extra = None
+            if self.chunk_inputs is not None:
+                end, extra = self.chunk_inputs(start, end)
+            logits = self._forward(torch.tensor([ids[start:end]], device=self.device), start, extra)
             self.cached_ids = ids[:end]
             if end in marks:
                 self.states.record(self.cached_ids)
@@ -355,8 +361,9 @@ class FastEngine:
             self.states.put_back(saved)
 
     def _step_eager(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        rotary = position if self.rope_delta is None else position + self.rope_delta
         out = self.model(
-            input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True,
+            input_ids=token, cache_position=position, position_ids=rotary.view(1, 1), use_cache=True,
             **{self.cache_keyword: self.cache},
         )
         return out.logits[:, -1, :]

@@ -268,13 +268,13 @@ def _processor(name: str, source: str, config, common: dict):
 
 
 def _vision_engine(model, processor, chosen, note: str):
-    """A vision-language model's engine: windows with pictures go to ``generate`` with the processor's
-    inputs; windows without go to the fast engine where it was picked (one line says so)."""
+    """A vision-language model's engine: every window, pictures or not, on the fast engine where it was
+    picked (pixel values and 3-D positions in its prefill); else ``generate`` with the processor's inputs."""
     from .fast import FastEngine
-    from .vision import FAST_NOTE, VisionEngine
+    from .vision import VisionEngine
 
     if isinstance(chosen, FastEngine):
-        return VisionEngine(model, processor, text_engine=chosen), note + FAST_NOTE
+        return VisionEngine(model, processor, text_engine=chosen), note
     chosen.close()
     return VisionEngine(model, processor), note
 

@@ -39,7 +39,9 @@ def test_quickstart_notebook_runs(tiny_model_dir, monkeypatch, tmp_path):
     cells = run_notebook("quickstart.ipynb", tiny_model_dir, monkeypatch, tmp_path)
     load = next(c for c in cells if "%qwen_load" in c.source)
     assert f"Loaded {tiny_model_dir}" in printed(load)
-    assert len(replies(cells)) == 4
+    assert len(replies(cells)) == 5
+    plot = next(c for c in cells if c.source.startswith("%%qwen --with -1"))
+    assert "tokens · " in plot.outputs[-1]["data"]["text/markdown"]  # a text-only model: the plot cell's code, no picture
     history = next(c for c in cells if c.source == "%qwen_history")
     assert "介绍广州这座城市" in history.outputs[0]["data"]["text/markdown"]
 
@@ -49,7 +51,7 @@ def test_chinese_quickstart_notebook_runs(tiny_model_dir, monkeypatch, tmp_path)
     loads = [c for c in cells if "%qwen_load" in c.source]
     assert len(loads) == 2 and all(f"Loaded {tiny_model_dir}" in printed(c) for c in loads)
     shown = replies(cells)
-    assert len(shown) == 5  # the classification, 广州, 美食, one with a window of one turn, one after the restart
+    assert len(shown) == 6  # the classification, 广州, 美食, one with a window of one turn, the plot, one after the restart
     assert shown[3].startswith("<sub>1 earlier exchange left out of the window.</sub>")
     history = next(c for c in cells if "%qwen_history" in c.source and "--load" not in c.source)
     table = history.outputs[0]["data"]["text/markdown"]

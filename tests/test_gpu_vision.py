@@ -1,6 +1,7 @@
-"""On a CUDA GPU with bitsandbytes: vision-language models in NF4. A turn with a picture equals the
-classic recipe's greedy reply on the same quantized model; turns without pictures take the fast
-engine's CUDA graph, checked by teacher forcing. Skipped cleanly elsewhere."""
+"""On a CUDA GPU with bitsandbytes: vision-language models in NF4. On ``generate`` a turn with a picture
+equals the classic recipe's greedy reply on the same quantized model; on the fast engine turns with and
+without pictures take its CUDA graph, checked by teacher forcing against a plain forward (3-D positions,
+rope_deltas, the picture's keys and values reused by the next turn). Skipped cleanly elsewhere."""
 
 import importlib.util
 import io
@@ -13,7 +14,7 @@ Image = pytest.importorskip("PIL.Image")
 
 from qwen_magic import loader  # noqa: E402
 from qwen_magic.engine import generate_reply  # noqa: E402
-from qwen_magic.images import normalize  # noqa: E402
+from qwen_magic.images import digest, normalize  # noqa: E402
 from qwen_magic.settings import GenerationSettings  # noqa: E402
 from qwen_magic.tiny import available_vl_families, write_tiny_vl_model  # noqa: E402
 from test_fast import forced_logits, reference_logits, relative_error  # noqa: E402
@@ -55,7 +56,7 @@ def figure_png(width=1024, height=768):
 def test_an_nf4_vision_model_sees_images_with_the_fast_engine_for_text(nf4):
     assert nf4.sees_images and nf4.precision.startswith("4-bit NF4")
     assert nf4.engine.text_engine is not None and nf4.engine.text_engine.use_graph
-    assert "turns with pictures: transformers generate" in nf4.summary()
+    assert "generate" not in nf4.summary()  # pictures too take the fast engine
 
 
 def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
@@ -71,10 +72,77 @@ def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
     finally:
         model.set_attn_implementation("qwen_magic_gqa")
     expected = processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
-    reply = generate_reply(nf4.engine, [{"role": "user", "content": "What does this plot show?", "images": [png]}],
-                           GenerationSettings(do_sample=False, max_new_tokens=16))
+    from qwen_magic.vision import VisionEngine
+
+    recipe_engine = VisionEngine(model, processor)  # the generate path (no fast engine), on the recipe's attention
+    model.set_attn_implementation("sdpa")
+    try:
+        reply = generate_reply(recipe_engine, [{"role": "user", "content": "What does this plot show?", "images": [png]}],
+                               GenerationSettings(do_sample=False, max_new_tokens=16))
+    finally:
+        model.set_attn_implementation("qwen_magic_gqa")
     assert reply.text == expected and reply.prompt_tokens == inputs.input_ids.shape[1]
     assert reply.prompt_tokens == nf4.engine.prompt.count([{"role": "user", "content": "What does this plot show?", "images": [png]}])
+
+
+def picture_forced_logits(vision, messages, pngs, reply):
+    """The fast engine's logits after a prompt with pictures and after each forced reply token (graph decode)."""
+    from qwen_magic.vision import Layout, image_spans
+
+    fast = vision.text_engine
+    inputs, _ = vision.prompt.inputs(messages)
+    ids = inputs["input_ids"][0].tolist()
+    positions, delta = vision._rotary(inputs.to(fast.device))
+    layout = Layout(ids, positions, delta, image_spans(ids, vision.image_token, [digest(p) for p in pngs]))
+    with fast.lock, torch.inference_mode():
+        fast.cached_ids, vision.layout = [], None
+        if fast.states is not None:
+            fast.states.clear()
+            fast.states.reset()
+        fast.rope_delta.fill_(delta)
+        fast.chunk_inputs = vision._chunks(layout, inputs)
+        try:
+            rows = [fast.prefill(ids, reserve=len(reply) + 1)]
+        finally:
+            fast.chunk_inputs = None
+        for offset, token in enumerate(reply):
+            rows.append(fast.step(torch.tensor([[token]], device=fast.device), len(ids) + offset).clone())
+        fast.cached_ids = []
+    return torch.cat(rows), inputs, positions
+
+
+def picture_reference_logits(model, inputs, positions, reply, incremental=False):
+    """A plain forward over prompt and reply (or the recipe's dynamic cache, one token at a time), at the
+    3-D positions generate computes: the prompt's, then text position + rope_deltas."""
+    device = model.device
+    prompt = inputs["input_ids"].shape[1]
+    delta = int(positions[:, -1].max()) + 1 - prompt
+    tail = (torch.arange(prompt, prompt + len(reply)) + delta).expand(3, -1)
+    every = torch.cat([positions, tail], dim=1)[:, None].to(device)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([reply])], dim=1).to(device)
+    pictures = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
+    with torch.inference_mode():
+        if not incremental:
+            return model(input_ids=ids, position_ids=every, **pictures).logits[0, prompt - 1:]
+        out = model(input_ids=ids[:, :prompt], position_ids=every[:, :, :prompt], use_cache=True, **pictures)
+        rows = [out.logits[:, -1]]
+        for i in range(len(reply)):
+            out = model(input_ids=ids[:, prompt + i:prompt + i + 1], position_ids=every[:, :, prompt + i:prompt + i + 1],
+                        past_key_values=out.past_key_values, use_cache=True)
+            rows.append(out.logits[:, -1])
+    return torch.cat(rows)
+
+
+def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
+    png = figure_png()
+    tokenizer = nf4.processor.tokenizer
+    reply = tokenizer("The plot shows a wave.<|im_end|>", add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": "What does this plot show?", "images": [png]}]
+    graph, inputs, positions = picture_forced_logits(nf4.engine, messages, [png], reply)
+    assert nf4.engine.text_engine.graph is not None
+    reference = picture_reference_logits(nf4.model, inputs, positions, reply).float()
+    classic = relative_error(picture_reference_logits(nf4.model, inputs, positions, reply, incremental=True).float(), reference)
+    assert relative_error(graph.float(), reference) <= 1.5 * max(classic, 1e-3)
 
 
 def test_turns_without_pictures_take_the_graph_and_match_a_plain_forward(nf4):
@@ -92,12 +160,16 @@ def test_turns_without_pictures_take_the_graph_and_match_a_plain_forward(nf4):
     assert relative_error(graph, reference) <= 1.5 * max(classic, 1e-3)
 
 
-def test_a_picture_then_text_turns_keep_the_fast_cache_for_text(nf4):
+def test_a_picture_then_text_turns_reuse_the_pictures_cache(nf4):
     png = figure_png(640, 480)
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
-    first = generate_reply(nf4.engine, [{"role": "user", "content": "plot?", "images": [png]}], settings)
-    assert first.cached_tokens == 0
-    history = [{"role": "user", "content": "Hello!"}]
-    generate_reply(nf4.engine, history, settings)
-    again = generate_reply(nf4.engine, history + [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "再见"}], settings)
-    assert again.cached_tokens > 0
+    engine = nf4.engine
+    history = [{"role": "user", "content": "plot?", "images": [png]}]
+    first = generate_reply(engine, history, settings)
+    picture_end = engine.layout.spans[0][1]
+    assert engine.layout.delta < 0 and engine.text_engine.rope_delta.item() == engine.layout.delta
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "再见"}]
+    again = generate_reply(engine, history, settings)
+    assert again.cached_tokens > picture_end  # the picture's keys and values came from the cache
+    other = generate_reply(engine, [dict(history[0], images=[figure_png(640, 481)])] + history[1:], settings)
+    assert other.cached_tokens <= picture_end  # another picture: not taken from the cache

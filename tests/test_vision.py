@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+import torch
 from IPython.utils.capture import capture_output
 
 pytest.importorskip("torchvision")  # the Qwen2-VL image processor of transformers 5 needs it
@@ -87,34 +88,105 @@ def test_the_load_line_says_it_sees_images(vl_chat):
     assert "sees images · engine: transformers generate" in vl_chat.load_line
 
 
-def test_the_fast_engine_takes_turns_without_pictures_and_generate_those_with(ip, qwen, vl_model_dir, vl_recipe, tmp_path):
+def recipe_history(conversation):
+    """The conversation's messages as the recipe gives them, and its pictures in order."""
+    messages = [user(m["content"], len(m.get("images", ()))) if m["role"] == "user" else {"role": "assistant", "content": m["content"]}
+                for m in conversation.messages]
+    return messages, [as_pil(conversation.images[n]) for m in conversation.messages for n in m.get("images", ())]
+
+
+@pytest.fixture
+def fast_chat(ip, qwen, vl_model_dir):
     with capture_output() as shown:
         ip.run_line_magic("qwen_load", f"{vl_model_dir} --engine fast")
-    assert ("sees images · engine: static KV cache (turns with pictures: transformers generate, since the fast engine's "
-            "cache and graph do not track their 3-D positions)") in shown.stdout
+    qwen.load_line = shown.stdout
     ip.run_line_magic("config", "QwenMagics.do_sample = False")
-    fast = qwen.loaded.engine.text_engine
-    path = tmp_path / "plot.png"
-    path.write_bytes(picture(120, 96))
-    history, pictures = [], []
-    for question, line, cached in [("介绍广州这座城市", "", False), ("它有什么好吃的美食吗?", "", True),
-                                   ("What does this plot show?", f"--image {path}", False), ("And now?", "", False)]:
-        before = list(fast.cached_ids)
-        shown = ask(ip, question, line + " --max-new-tokens 8")
-        if line:
-            question = "[image 1]\n\n" + question
-            pictures.append(as_pil(path.read_bytes()))
-        history.append(user(question, 1 if line else 0))
-        expected = vl_recipe.reply(history, pictures, 8)
+    return qwen
+
+
+@pytest.mark.parametrize("chunk", [2048, 16])  # 16: the prefill in chunks, which never split a picture
+def test_the_fast_engine_takes_pictures_exactly_over_turns(ip, fast_chat, vl_recipe, tmp_path, monkeypatch, chunk):
+    import qwen_magic.fast
+
+    monkeypatch.setattr(qwen_magic.fast, "PREFILL_CHUNK", chunk)
+    ip.run_line_magic("config", "QwenMagics.max_new_tokens = 8")
+    assert "sees images · engine: static KV cache" in fast_chat.load_line and "generate" not in fast_chat.load_line
+    engine = fast_chat.loaded.engine
+    fast = engine.text_engine
+    one, two = tmp_path / "one.png", tmp_path / "two.png"
+    one.write_bytes(picture(120, 96, 1))
+    two.write_bytes(picture(120, 96, 2))  # the same size: the same tokens, other pixels
+    turns = [("介绍广州这座城市", ""), ("What does this plot show?", f"--image {one}"), ("And the colours?", ""),
+             ("And the axes?", ""), ("regenerate", ""), ("Compare with this one.", f"--image {two}"), ("Which is brighter?", "")]
+    cached = []
+    for question, line in turns:
+        if question == "regenerate":
+            with capture_output() as shown:
+                ip.run_line_magic("qwen_regenerate", "")
+        else:
+            shown = ask(ip, question, line)
+        messages, pictures = recipe_history(fast_chat.conversation)
+        expected = vl_recipe.reply(messages[:-1], pictures, 8)
+        assert messages[-1]["content"] == expected, question
         assert ip.user_ns["_qwen"] == expected
-        history.append({"role": "assistant", "content": expected})
-        assert ("cached)" in shown.outputs[-1].data["text/markdown"]) == cached
-        assert (fast.cached_ids != before) == (not pictures)  # turns with the picture in the window leave the fast cache alone
-    ip.run_line_magic("config", "QwenMagics.max_turns = 0")  # the picture leaves the window: the fast engine again
-    before = list(fast.cached_ids)
-    ask(ip, "Hello", "--max-new-tokens 8")
-    assert ip.user_ns["_qwen"] == vl_recipe.reply([user("Hello")], [], 8)
-    assert fast.cached_ids != before
+        cached.append(shown.outputs[-1].data["text/markdown"])
+        tokens = vl_recipe.inputs(messages[:-1], pictures).input_ids.shape[1]
+        assert engine.layout.ids == vl_recipe.inputs(messages[:-1], pictures).input_ids[0].tolist()[:tokens]
+    # every turn after the first reuses the cache, the picture's keys and values included
+    assert all("cached)" in footer for footer in cached[1:])
+    assert engine.layout.delta < 0 and len(fast.cached_ids) > engine.layout.spans[-1][1]
+    assert fast.rope_delta.item() == engine.layout.delta
+
+
+def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(fast_chat, vl_recipe):
+    from qwen_magic.engine import generate_reply
+    from qwen_magic.settings import GenerationSettings
+
+    engine = fast_chat.loaded.engine
+    settings = GenerationSettings(do_sample=False, max_new_tokens=8)
+    one, two = normalize(picture(150, 100, 3)), normalize(picture(150, 100, 4))
+    for png in (one, two, one, one):
+        messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+                    {"role": "user", "content": "What is it?", "images": [png]}]
+        reply = generate_reply(engine, messages, settings)
+        recipe = [user("Hello"), {"role": "assistant", "content": "Hi."}, user("What is it?", 1)]
+        assert reply.text == vl_recipe.reply(recipe, [as_pil(png)], 8)
+        first = engine.layout.spans[0][0]
+        if png == two or reply.cached_tokens < len(engine.layout.ids) - 1:
+            # the tokens match up to the end; the pixels do not past the picture's start (a hybrid model starts over)
+            assert reply.cached_tokens <= first
+    assert reply.cached_tokens >= len(engine.layout.ids) - 1  # the same picture again: all of it from the cache
+
+
+def test_continue_on_the_fast_engine_keeps_the_picture(ip, fast_chat, vl_recipe, tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(picture(100, 80))
+    ask(ip, "Describe it at length.", f"--image {path} --max-new-tokens 4")
+    asked, first = fast_chat.conversation.messages
+    with capture_output():
+        ip.run_line_magic("qwen_continue", "--max-new-tokens 4")
+    messages = [user(asked["content"], 1), {"role": "assistant", "content": first["content"]}]
+    text = vl_recipe.processor.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    inputs = vl_recipe.processor(text=[text], images=[as_pil(path.read_bytes())], return_tensors="pt")
+    output = vl_recipe.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    continued = vl_recipe.processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
+    assert fast_chat.conversation.messages[-1]["content"] == first["content"] + continued
+
+
+def test_reuse_needs_equal_tokens_pictures_and_positions():
+    from qwen_magic.vision import Layout, reusable
+
+    positions = torch.tensor([[0, 1, 2, 2, 2, 2, 4, 5], [0, 1, 2, 2, 3, 3, 4, 5], [0, 1, 2, 3, 2, 3, 4, 5]])
+    ids = [1, 2, 9, 9, 9, 9, 3, 4]
+    cached = Layout(ids, positions, -2, [(2, 6, "a")])
+    reply = ids + [7, 8]  # the reply sits at text position + delta
+    assert reusable(None, reply, cached) == 0
+    assert reusable(cached, reply, Layout(reply + [5], torch.cat([positions, torch.tensor([[6, 7, 8]] * 3)], 1), -2, [(2, 6, "a")])) == 10
+    assert reusable(cached, reply, Layout(ids, positions, -2, [(2, 6, "b")])) == 2  # another picture
+    moved = positions.clone()
+    moved[1, 4] = 9
+    assert reusable(cached, reply, Layout(ids, moved, -2, [(2, 6, "a")])) == 2  # never part of a picture
+    assert reusable(cached, reply[:4], Layout(ids, positions, -2, [(2, 6, "a")])) == 2
 
 
 def test_an_image_file_reply_equals_the_recipe_over_turns(ip, vl_chat, vl_recipe, tmp_path):
