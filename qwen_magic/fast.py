@@ -10,13 +10,17 @@ Hybrid models (Qwen3.5, Qwen3-Next: linear-attention layers with a recurrent sta
 reuse a prefix only where that state is known for exactly that prefix (hybrid.py).
 
 On a CPU (tests) the same loop runs without the graph.
+
+A model split over several GPUs (a device map) decodes as one graph per device
+segment, replayed in order (split.py).
 """
 
 import inspect
 import random
 import threading
 import time
-from typing import List, Optional
+from contextlib import nullcontext
+from typing import Dict, List, Optional
 
 import torch
 from transformers import StaticCache
@@ -26,6 +30,7 @@ from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
 from .prompt import encode, prepare, render
 from .settings import GenerationSettings
+from .split import VERIFY_TOLERANCE, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely
@@ -169,7 +174,10 @@ class Sampler:
 
 
 class FastEngine:
-    def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None):
+    def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None,
+                 placement: Optional[Dict[str, str]] = None):
+        """``placement``: module name -> device label, to cut decode steps into segments by it (tests);
+        by default a model split over several CUDA devices is cut by its device map when graphed."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
@@ -199,6 +207,10 @@ class FastEngine:
         self.rope_delta = torch.zeros(1, dtype=torch.long, device=self.device) if getattr(model.config, "vision_config", None) is not None else None
         self.chunk_inputs = None
         self.states: Optional[HybridStates] = None  # the recurrent layers of a hybrid model's cache
+        self.split = decoder_for(model, placement) if placement is not None or self.use_graph else None
+        if self.split is not None and self.hybrid:
+            self.split.close()
+            raise RuntimeError("a hybrid model split over several GPUs runs on transformers generate")
         # Only models on SDPA get the grouped attention (and get SDPA back on close).
         self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
         if self.grouped:
@@ -335,6 +347,8 @@ class FastEngine:
     # --- one decode step
 
     def _capture(self) -> None:
+        if self.split is not None:
+            return self._capture_split()
         self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         # Warm-up runs really write keys and values: aim them at the last slot, which no turn has reached yet.
         self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
@@ -360,6 +374,40 @@ class FastEngine:
         if saved is not None:
             self.states.put_back(saved)
 
+    def _capture_split(self) -> None:
+        """One graph per device segment (split.py), checked once against an eager step before it is used."""
+        self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
+
+        def warm_up():
+            self.write_position = None
+            self._write_at(self.capacity - 1)  # the last slot, which no turn has reached yet
+            return self._step_eager(self.static_token, self.static_position)
+
+        self.graph = self.split.capture(lambda: self._step_eager(self.static_token, self.static_position), self.device, warm_up)
+        self.static_logits = self.graph.home
+        # Work the hooks did not see (on another device than the segment being captured) would be left out
+        # of the graphs: a replay at another token and position must equal a plain eager step.
+        position = max(self.capacity - 2, 0)
+        token = torch.ones((1, 1), dtype=torch.long, device=self.device)
+        self.write_position = None
+        self._write_at(position)
+        expected = self._step_eager(token, torch.tensor([position], device=self.device)).float()
+        self.write_position = None
+        self._write_at(position)
+        self.static_token.copy_(token)
+        self.static_position.fill_(position)
+        self.graph.replay()
+        error = ((self.static_logits.float() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        self.write_position = None
+        if not error < VERIFY_TOLERANCE:
+            self.graph = self.static_logits = None
+            raise RuntimeError(f"the decode graphs of the split model do not reproduce an eager step (relative error {error:.1e})")
+
+    def _segmented(self):
+        """Eager steps of a split model go through the segment hooks too (copies at each boundary)."""
+        return self.split.eager(self.device) if self.split is not None else nullcontext()
+
     def _step_eager(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         rotary = position if self.rope_delta is None else position + self.rope_delta
         out = self.model(
@@ -375,7 +423,8 @@ class FastEngine:
         """
         if not self.use_graph:
             self._write_at(position)
-            logits = self._step_eager(token, torch.tensor([position], device=self.device))
+            with self._segmented():
+                logits = self._step_eager(token, torch.tensor([position], device=self.device))
         else:
             if self.graph is None:
                 self._capture()
@@ -468,6 +517,8 @@ class FastEngine:
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache()
+        if self.split is not None:
+            self.split.close()
         if self.model is not None and self.grouped:
             self.model.set_attn_implementation("sdpa")
         self.model = None

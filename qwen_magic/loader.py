@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import quantized
+from . import quantized, split
 from .engine import GenerateEngine
 from .errors import QwenError
 from .prompt import has_chat_template
@@ -228,6 +228,8 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
 
     if getattr(model, "hf_device_map", None):
         devices = ", ".join(sorted({str(d) if not isinstance(d, int) else f"cuda:{d}" for d in model.hf_device_map.values()}))
+        if split.is_split(split.placement(model)):  # "split over 2 GPUs: cuda:0 layers 0–13 (2.1 GiB), ..."
+            devices = split.describe(split.placement(model), split.device_bytes(model))
     else:
         devices = str(model.device)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -285,9 +287,17 @@ def load(name: str, *, notify: Callable[[str], None] = print, **options) -> Load
 
 
 def pick_engine(model, tokenizer, wanted: str, context_length: int):
-    """The fast engine on a GPU (or when asked for), else ``generate``; with a note when the fast one failed."""
+    """The fast engine on a GPU (or when asked for), else ``generate``; with a note when the fast one failed.
+
+    A model split over several GPUs takes the fast engine too (one decode graph per device, split.py),
+    except a hybrid one (recurrent layers), which stays on ``generate``.
+    """
     if wanted == "generate" or (wanted == "auto" and not torch.cuda.is_available()):
         return GenerateEngine(model, tokenizer), ""
+    from .hybrid import is_hybrid
+
+    if wanted == "auto" and is_hybrid(model.config) and split.is_split(split.placement(model)):
+        return GenerateEngine(model, tokenizer), " (a hybrid model split over several GPUs runs on generate)"
     from .fast import FastEngine
 
     fast = None
