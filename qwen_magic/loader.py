@@ -127,6 +127,8 @@ def _check_bitsandbytes(bits: int) -> None:
 
 def _check_device_map(device_map: Optional[str], cuda: bool) -> None:
     """A CUDA device that is not there fails deep inside loading; say so first."""
+    if not isinstance(device_map, (str, type(None))):
+        return  # a dict from module names to devices (Python callers): transformers checks it
     named = re.fullmatch(r"cuda(?::(\d+))?", (device_map or "").strip())
     if named is None:
         return
@@ -141,7 +143,7 @@ def prepare(
     *,
     bits: int = 4,
     dtype: str = "auto",
-    device_map: Optional[str] = None,
+    device_map=None,  # "auto", "balanced", "cuda:1", ... or a dict from module names to devices
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
     engine: str = "auto",
