@@ -227,8 +227,9 @@ class SplitDecoder:
         try:
             segment.graph.capture_end()
         finally:
-            segment.context.__exit__(None, None, None)
-            segment.context = None
+            if segment.context is not None:
+                segment.context.__exit__(None, None, None)
+                segment.context = None
 
     @contextmanager
     def eager(self, device: torch.device):
@@ -285,8 +286,13 @@ class SplitDecoder:
                 self._begin(self.segments[0])
                 try:
                     logits = step()
-                finally:
-                    self._end(self.segments[-1])
+                except BaseException:
+                    try:  # close the capture that was open, keeping the error that stopped it
+                        self._end(self.segments[-1])
+                    except Exception:
+                        pass
+                    raise
+                self._end(self.segments[-1])
             segments = self.segments
         finally:
             # A failed capture leaves no stream context behind (the one that failed is closed above).
