@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -33,6 +33,10 @@ case $what in profile|all)
 esac
 case $what in free|all)
     python3 benchmarks/free_check.py --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tail -24 ;;
+esac
+case $what in split)  # two GPUs (issue 16): the split tests, then the 7B split by balanced and a 32B shape (--no-32b to skip)
+    python3 -m pytest -q -m gpu tests/test_gpu_split.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_split_tests.txt" | tail -25
+    python3 benchmarks/bench_split.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_split.txt" | tail -16 ;;
 esac
 case $what in load|all)
     python3 benchmarks/bench_load.py --out "$OUT" --model-dir $model --copy-dir /tmp/qwen7b-shape-nf4 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/load.txt" | tail -12 ;;
