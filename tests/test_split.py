@@ -165,3 +165,26 @@ def test_a_split_model_takes_the_fast_engine_but_a_hybrid_one_stays_on_generate(
     hybrid.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
     chosen, note = loader.pick_engine(hybrid, AutoTokenizer.from_pretrained(hybrid_dir), "auto", 4096)
     assert isinstance(chosen, GenerateEngine) and "hybrid model split over several GPUs" in note
+
+
+def test_segment_hooks_compose_with_accelerates_own(model_and_tokenizer, classic):
+    """accelerate's dispatch hooks (as a device map puts them, here all on the CPU) wrap each module's
+    forward; the segment hooks run before them, and the root's output move is held off while capturing."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks, remove_hook_from_module
+
+    model, tokenizer = model_and_tokenizer
+    mapping = two_segments(model)
+    attach_align_device_hook_on_blocks(model, execution_device={k: torch.device("cpu") for k in mapping},
+                                       offload={k: False for k in mapping}, skip_keys=model._skip_keys_device_placement)
+    engine = FastEngine(model, tokenizer, context_length=4096, use_graph=False, placement=mapping)
+    try:
+        assert model._hf_hook.io_same_device
+        with engine.split._outputs_stay():
+            assert not model._hf_hook.io_same_device
+        assert model._hf_hook.io_same_device
+        history = [{"role": "user", "content": "介绍广州这座城市"}]
+        reply = generate_reply(engine, history, GenerationSettings(do_sample=False, max_new_tokens=12))
+        assert reply.text == classic.reply(history, 12)
+    finally:
+        engine.close()
+        remove_hook_from_module(model, recurse=True)
