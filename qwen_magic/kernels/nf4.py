@@ -1,0 +1,299 @@
+"""A batch-1 matrix-vector kernel for bitsandbytes' 4-bit weights (NF4, also FP4), in Triton.
+
+During decode every ``bnb.nn.Linear4bit`` multiplies one token row by its 4-bit weight; bitsandbytes
+sends that to its ``gemv_4bit`` CUDA kernel. :func:`matvec` does the same product reading the very
+same tensors (no repacking, no extra memory), and :func:`patch` routes a model's one-row calls to it::
+
+    from qwen_magic.kernels import nf4
+    if nf4.available(device) is None:
+        restore = nf4.patch(model)   # ... later: restore()
+
+Layout (bitsandbytes' own, checked against ``bitsandbytes.functional.dequantize_4bit`` in the tests)
+    ``weight`` (``Params4bit``) is the row-major ``W`` of shape ``(N, K)`` = ``quant_state.shape``,
+    flattened and packed two codes a byte: element ``2i`` in the high nibble of byte ``i``, element
+    ``2i + 1`` in the low nibble (any ``quant_storage`` dtype is read as its bytes). ``absmax`` has one
+    entry per ``blocksize`` consecutive elements of the flattened ``W`` (blocks may run across rows
+    when ``K % blocksize != 0``). ``quant_state.code`` is the 16-value table (NF4 or FP4). With double
+    quantization (``compress_statistics=True``, ``quant_state.nested``) ``absmax`` is uint8 and the
+    scale of block ``b`` is ``state2.code[absmax[b]] * state2.absmax[b // state2.blocksize] + offset``.
+
+Exactness
+    Per element the kernel computes ``code[q] * scale`` in float32 and rounds it to the compute dtype,
+    which is exactly bitsandbytes' dequantized weight (the nested scale takes the same float32
+    operations; the compiler may fuse its multiply-add, a last-bit difference in that scale). The
+    products with ``x`` and their sum are float32, the bias is added in float32, the result is rounded
+    once to the compute dtype. So the output equals ``dequantize_4bit(W) @ x`` summed in float32, up
+    to summation order (and bitsandbytes' own rounding of the product before it adds the bias).
+    With ``splits > 1`` the K slices are added in a fixed order: results are deterministic.
+
+Performance
+    A program owns ``BLOCK_N`` output rows and walks K in ``BLOCK_K`` steps, loading the bytes of a
+    ``[BLOCK_N, BLOCK_K // 2]`` tile (contiguous per row, vectorised), two code gathers per byte from
+    the 64-byte table, one scale per row and quantization block. Shapes with few rows (the k/v
+    projections) are split along K so the GPU has enough programs; a second small kernel adds the
+    float32 partials. Configurations come from a fixed heuristic (:func:`config`), overridable per
+    shape in :data:`TUNED`; nothing is autotuned, so calls are safe inside ``torch.cuda.graph``
+    capture (the only allocations are ``torch.empty`` for the output and the partial sums).
+    Plain loads, integer and float32 arithmetic only: runs on sm_75 (T4) as on sm_90.
+"""
+
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+# Set True (tests) to let :func:`patch`'s wrapper use the kernel for CPU tensors too, through
+# Triton's interpreter (slow; for checking the kernel without a GPU). The interpreter needs
+# TRITON_INTERPRET=1 in the environment before anything imports triton (bitsandbytes does).
+ALLOW_CPU = False
+
+# Shape-specific configurations, ``(N, K) -> Config``, checked before the heuristic; filled from
+# ``benchmarks/bench_nf4.py --sweep`` on the target card.
+TUNED: Dict[Tuple[int, int], "Config"] = {}
+
+_MARK = "_qwen_magic_nf4_original"
+
+
+class Config(NamedTuple):
+    block_n: int = 4
+    block_k: int = 1024
+    splits: int = 1  # K slices (requested; rounded so each slice is a whole number of BLOCK_K)
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def available(device=None) -> Optional[str]:
+    """None when the kernel can run on ``device`` (default: the current CUDA device), else why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    except Exception as error:  # a broken install
+        return f"triton does not import ({error.__class__.__name__}: {error})"
+    if device is None:
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if getattr(torch.version, "hip", None):
+        return "ROCm is not supported"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) < (7, 5):
+        return f"compute capability {major}.{minor} is below 7.5"
+    return None
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _sm_count(device) -> int:
+    import torch
+
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def config(n: int, k: int, sm_count: int = 132) -> Config:
+    """The tile configuration for an ``(N, K)`` weight: :data:`TUNED` first, else a heuristic.
+
+    Enough bytes in flight matter most for a memory-bound matrix-vector product: tiles of 4 rows by
+    up to 1024 columns (2 KiB of packed weight per step, 16 bytes a thread at 4 warps), and when the
+    rows give fewer than about two programs per SM, a split of K (at most one slice per step).
+    """
+    if (n, k) in TUNED:
+        return TUNED[(n, k)]
+    block_k = 64
+    while block_k < min(k, 1024):
+        block_k *= 2
+    block_n = 4
+    programs = -(-n // block_n)
+    splits = 1
+    if programs < 2 * sm_count:
+        splits = max(1, min(-(-2 * sm_count // programs), -(-k // block_k)))
+    return Config(block_n=block_n, block_k=block_k, splits=splits)
+
+
+def supports(weight, quant_state, k: Optional[int] = None) -> Optional[str]:
+    """None when :func:`matvec` handles this weight (and input width ``k``), else why not."""
+    if quant_state is None:
+        return "no quant_state"
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        return "weight repacked for bitsandbytes' CPU kernel"
+    if quant_state.quant_type not in ("nf4", "fp4"):
+        return f"quant type {quant_state.quant_type}"
+    shape = tuple(quant_state.shape)
+    if len(shape) != 2:
+        return f"weight shape {shape} is not 2-D"
+    n, kk = shape
+    if k is not None and k != kk:
+        return f"input width {k} is not the weight's {kk} (a [K, N]-quantized weight)"
+    if kk % 2:
+        return "odd K (rows do not start on a byte)"
+    blocksize = quant_state.blocksize
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        return f"blocksize {blocksize} is not a power of two"
+    if quant_state.code is None or quant_state.code.numel() != 16:
+        return "the code table does not have 16 entries"
+    if weight.numel() * weight.element_size() * 2 < n * kk:
+        return "fewer packed bytes than the shape needs"
+    if quant_state.nested:
+        state2 = quant_state.state2
+        if state2 is None or state2.code is None or state2.code.numel() != 256:
+            return "nested statistics without an 8-bit table"
+        if quant_state.absmax.dtype != __import__("torch").uint8:
+            return f"nested absmax of dtype {quant_state.absmax.dtype}"
+    return None
+
+
+def _flat(t, dtype=None):
+    t = t.reshape(-1)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Config] = None):
+    """``x @ W.T (+ bias)`` for one input row ``x`` (shape ``(..., K)``, one row) and bitsandbytes'
+    packed 4-bit ``weight`` with its ``quant_state``. Returns shape ``(..., N)`` in ``out_dtype``
+    (default ``x.dtype``, the compute dtype: float16, bfloat16 or float32). CPU tensors run through
+    Triton's interpreter."""
+    import torch
+
+    from . import _nf4_triton as kernels
+
+    n, k = (int(v) for v in quant_state.shape)
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"matvec takes one row of width {k}, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"compute dtype {x.dtype} is not float16, bfloat16 or float32")
+    reason = supports(weight, quant_state, k)
+    if reason:
+        raise ValueError(f"matvec cannot read this weight: {reason}")
+    out_dtype = out_dtype or x.dtype
+    device = x.device
+    cfg = cfg or config(n, k, _sm_count(device))
+
+    packed = weight.data if hasattr(weight, "data") else weight
+    packed = packed.reshape(-1)
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)
+    if not packed.is_contiguous():
+        packed = packed.contiguous()
+    xs = _flat(x)
+    code = _flat(quant_state.code, torch.float32)
+    absmax = _flat(quant_state.absmax)
+    if quant_state.nested:
+        state2 = quant_state.state2
+        code2 = _flat(state2.code, torch.float32)
+        absmax2 = _flat(state2.absmax, torch.float32)
+        offset = quant_state.offset
+        offset = (offset if torch.is_tensor(offset) else torch.tensor(float(offset), device=device)).reshape(1).to(torch.float32)
+        blocksize2 = int(state2.blocksize)
+    else:
+        code2 = absmax2 = offset = code  # unused
+        blocksize2 = 1
+        if absmax.dtype != torch.float32:
+            absmax = absmax.float()
+    blocksize = int(quant_state.blocksize)
+    round_mode = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
+    bias_arg = _flat(bias) if bias is not None else code
+
+    block_k = max(64, min(cfg.block_k, 1 << max(0, (k - 1).bit_length())))
+    sub = min(blocksize, block_k)
+    k_split = -(-k // max(1, cfg.splits))
+    k_split = -(-k_split // block_k) * block_k
+    splits = -(-k // k_split)
+    out = torch.empty(n, dtype=out_dtype, device=device)
+    if device.type != "cuda" and not kernels.interpreting(kernels.matvec_kernel):
+        raise RuntimeError("matvec on CPU tensors needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported")
+    grid = (-(-n // cfg.block_n), splits)
+    target = out if splits == 1 else torch.empty(splits * n, dtype=torch.float32, device=device)
+    kernels.matvec_kernel[grid](
+        xs, packed, absmax, code, code2, absmax2, offset, bias_arg, target,
+        n, k, k_split,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=bias is not None,
+        ALIGNED=(k % blocksize == 0), ROUND=round_mode, SPLIT=splits > 1,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub, STEPS=k_split // block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        block = 256
+        kernels.reduce_kernel[(-(-n // block),)](target, bias_arg, out, n, SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _use_kernel(module, x) -> bool:
+    import torch
+
+    if x.shape[-1] == 0 or x.numel() != x.shape[-1]:
+        return False
+    if x.device.type != "cuda" and not (ALLOW_CPU and x.device.type == "cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (module.bias is not None and module.bias.requires_grad)):
+        return False
+    if not getattr(module, "compute_type_is_set", True):
+        return False  # bitsandbytes picks the compute dtype on the first call: let it
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None or weight.device != x.device:
+        return False
+    compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
+    if compute not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return supports(weight, quant_state, x.shape[-1]) is None
+
+
+def _forward(module, original: Callable) -> Callable:
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not _use_kernel(module, x):
+            return original(x, *args, **kwargs)
+        compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
+        bias = module.bias
+        y = matvec(x.to(compute), module.weight, module.weight.quant_state, bias=bias)
+        return y.to(x.dtype)
+
+    setattr(forward, _MARK, original)
+    return forward
+
+
+def patch(model) -> Callable[[], None]:
+    """Route every ``bnb.nn.Linear4bit`` of ``model`` (or ``model`` itself) to :func:`matvec` for calls
+    with exactly one row on CUDA; other calls (prefill, training, unsupported weights) keep the
+    original forward. Idempotent: modules already patched are left alone. Returns a function that
+    puts back the forwards this call replaced."""
+    import bitsandbytes as bnb
+
+    patched = []
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        current = module.__dict__.get("forward")
+        if current is not None and hasattr(current, _MARK):
+            continue
+        had_own = "forward" in module.__dict__
+        module.forward = _forward(module, module.forward)
+        patched.append((module, had_own, current))
+
+    def restore():
+        while patched:
+            module, had_own, previous = patched.pop()
+            if had_own:
+                module.forward = previous
+            else:
+                module.__dict__.pop("forward", None)
+
+    return restore
+
+
+def is_patched(module) -> bool:
+    return hasattr(module.__dict__.get("forward"), _MARK)
