@@ -162,6 +162,22 @@ def _flat(t, dtype=None):
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _device_offset(quant_state, device):
+    """The nested statistics' offset as a float32 tensor on ``device``, copied there once (a saved
+    copy may bring it back as a CPU tensor or a float; no copy may happen inside a graph capture)."""
+    import torch
+
+    offset = quant_state.offset
+    if torch.is_tensor(offset) and offset.device == device and offset.dtype == torch.float32:
+        return offset.reshape(1)
+    cached = getattr(quant_state, "_qwen_magic_offset", None)
+    if cached is None or cached.device != device:
+        value = float(offset)
+        cached = torch.tensor([value], dtype=torch.float32, device=device)
+        quant_state._qwen_magic_offset = cached
+    return cached
+
+
 def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Config] = None):
     """``x @ W.T (+ bias)`` for one input row ``x`` (shape ``(..., K)``, one row) and bitsandbytes'
     packed 4-bit ``weight`` with its ``quant_state``. Returns shape ``(..., N)`` in ``out_dtype``
@@ -196,8 +212,7 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
         state2 = quant_state.state2
         code2 = _flat(state2.code, torch.float32)
         absmax2 = _flat(state2.absmax, torch.float32)
-        offset = quant_state.offset
-        offset = (offset if torch.is_tensor(offset) else torch.tensor(float(offset), device=device)).reshape(1).to(torch.float32)
+        offset = _device_offset(quant_state, device)
         blocksize2 = int(state2.blocksize)
     else:
         code2 = absmax2 = offset = code  # unused
