@@ -23,7 +23,7 @@ import triton.language as tl
 
 
 def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-            N, K, k_split,
+            N, K, KB, k_split,
             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
             ALIGNED: tl.constexpr, ROUND: tl.constexpr, SPLIT: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, STEPS: tl.constexpr):
@@ -35,7 +35,7 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     rows64 = rows.to(tl.int64)
-    row_bytes = (rows64 * (K // 2))[:, None, None]  # K is even: every row starts on a byte
+    row_bytes = (rows64 * KB)[:, None, None]  # KB = K // 2 (K is even: every row starts on a byte)
     sub = tl.arange(0, NB)[None, :, None]
     byte = sub * HB + tl.arange(0, HB)[None, None, :]  # [1, NB, HB] byte offset inside the tile
 
@@ -46,7 +46,10 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
     for step in range(0, STEPS):  # STEPS = k_split // BLOCK_K (a constant: the interpreter can't loop to a runtime bound)
         k0 = k_start + step * BLOCK_K
         col = k0 + 2 * byte  # column of the high nibble; the low nibble is col + 1 (K is even)
-        col_mask = col < K
+        if ALIGNED:  # whole sub-blocks in or out: a mask constant over the bytes (vector loads)
+            col_mask = (k0 + sub * SUB) < K
+        else:
+            col_mask = col < K
         mask = row_mask[:, None, None] & col_mask
         packed = tl.load(w_ptr + row_bytes + (k0 // 2 + byte), mask=mask, other=0).to(tl.int32)
         w_hi = tl.load(code_ptr + (packed >> 4))
@@ -54,7 +57,7 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
 
         if ALIGNED:  # one scale per [row, sub-block], broadcast over its HB bytes
             block = rows64[:, None, None] * (K // BLOCKSIZE) + (k0 + sub * SUB) // BLOCKSIZE
-            block_mask = row_mask[:, None, None] & ((k0 + sub * SUB) < K)
+            block_mask = mask
         else:  # blocks run across rows: one index per element (both nibbles share it, blocksize is even)
             block = (rows64[:, None, None] * K + col) // BLOCKSIZE
             block_mask = mask

@@ -235,7 +235,7 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
     target = out if splits == 1 else torch.empty(splits * n, dtype=torch.float32, device=device)
     kernels.matvec_kernel[grid](
         xs, packed, absmax, code, code2, absmax2, offset, bias_arg, target,
-        n, k, k_split,
+        n, k, k // 2, k_split,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=bias is not None,
         ALIGNED=(k % blocksize == 0), ROUND=round_mode, SPLIT=splits > 1,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub, STEPS=k_split // block_k,
