@@ -266,3 +266,39 @@ def test_patch_routes_one_row(monkeypatch, compute):
     restore()
     assert not any(nf4.is_patched(m) for m in model.modules())
     assert "forward" not in model[0].__dict__
+
+
+def compile_for(capability, dtype, nested, split):
+    """Compile the kernel ahead of time for a CUDA target (no GPU needed: triton ships ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qwen_magic.kernels import _nf4_triton as kernels
+
+    pointer = f"*{dtype}"
+    signature = dict(x_ptr=pointer, w_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", code_ptr="*fp32", code2_ptr="*fp32",
+                     absmax2_ptr="*fp32", offset_ptr="*fp32", bias_ptr=pointer, out_ptr="*fp32" if split else pointer,
+                     N="i32", K="i32", KB="i32", k_split="i32")
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, ALIGNED=True, ROUND={"fp16": 1, "bf16": 2, "fp32": 0}[dtype],
+                     SPLIT=split, BLOCK_N=4, BLOCK_K=1024, SUB=64, STEPS=2)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(index,): [["tt.divisibility", 16]] for index in range(13)}  # what a launch with Qwen's shapes specializes on
+    source = ASTSource(fn=kernels.matvec_kernel, signature=signature, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=2))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel (not the interpreter's)")
+@pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
+def test_compiles_for_t4_and_h100(capability):
+    """The kernel builds for sm_75 as for sm_90 in every compute dtype, and reads the packed weight
+    with vector loads (several bytes per instruction)."""
+    try:
+        compiled = [compile_for(capability, dtype, nested, split) for dtype, nested, split in
+                    [("fp16", False, False), ("bf16", True, False), ("fp32", False, True), ("bf16", False, True)]]
+    except (ImportError, TypeError, AttributeError) as error:  # another triton's compile API
+        pytest.skip(f"ahead-of-time compile API differs: {error}")
+    for kernel, nested in zip(compiled, [False, True, False, False]):
+        ptx = kernel.asm["ptx"]
+        # one byte load at most: a nested block's uint8 absmax; the weight itself comes 8 or 16 bytes at a time
+        assert ptx.count("ld.global.b8") == int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)
