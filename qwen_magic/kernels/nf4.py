@@ -239,7 +239,7 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=bias is not None,
         ALIGNED=(k % blocksize == 0), ROUND=round_mode, SPLIT=splits > 1,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub, STEPS=k_split // block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
     )
     if splits > 1:
         block = 256
