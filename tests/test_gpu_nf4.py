@@ -125,16 +125,16 @@ def test_patch_on_gpu(compute):
     with torch.no_grad():
         expected = model(x)
     restore = nf4.patch(model)
+    calls = []
+    original = nf4.Plan.__call__
     try:
-        calls = []
-        original = nf4.matvec
-        nf4.matvec = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+        nf4.Plan.__call__ = lambda *a, **kw: calls.append(1) or original(*a, **kw)
         with torch.no_grad():
             y = model(x)
             rows = model(torch.randn(2, 256, device="cuda", dtype=compute))
         assert len(calls) == 2 and rows.shape == (2, 256)
         assert torch.allclose(y.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
     finally:
-        nf4.matvec = original
+        nf4.Plan.__call__ = original
         restore()
     assert not any(nf4.is_patched(m) for m in model.modules())

@@ -178,73 +178,102 @@ def _device_offset(quant_state, device):
     return cached
 
 
+class Plan:
+    """Everything one weight's product needs but ``x`` and the bias: the flattened tensors, the tile
+    configuration and the kernel's constants, worked out once (:func:`plan`) so that a call costs
+    one or two launches and little Python."""
+
+    def __init__(self, weight, quant_state, dtype, device, cfg: Optional[Config] = None, out_dtype=None):
+        import torch
+
+        from . import _nf4_triton as kernels
+
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"compute dtype {dtype} is not float16, bfloat16 or float32")
+        n, k = (int(v) for v in quant_state.shape)
+        reason = supports(weight, quant_state)
+        if reason:
+            raise ValueError(f"matvec cannot read this weight: {reason}")
+        if device.type != "cuda" and not kernels.interpreting(kernels.matvec_kernel):
+            raise RuntimeError("matvec on CPU tensors needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported")
+        self.kernels, self.n, self.k, self.device = kernels, n, k, device
+        self.dtype, self.out_dtype = dtype, out_dtype or dtype
+        self.cfg = cfg = cfg or config(n, k, _sm_count(device))
+
+        packed = weight.data if hasattr(weight, "data") else weight
+        packed = packed.reshape(-1)
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        self.packed = packed if packed.is_contiguous() else packed.contiguous()
+        self.code = _flat(quant_state.code, torch.float32)
+        absmax = _flat(quant_state.absmax)
+        if quant_state.nested:
+            state2 = quant_state.state2
+            self.code2 = _flat(state2.code, torch.float32)
+            self.absmax2 = _flat(state2.absmax, torch.float32)
+            self.offset = _device_offset(quant_state, device)
+            blocksize2 = int(state2.blocksize)
+        else:
+            self.code2 = self.absmax2 = self.offset = self.code  # unused
+            blocksize2 = 1
+            if absmax.dtype != torch.float32:
+                absmax = absmax.float()
+        self.absmax = absmax
+        blocksize = int(quant_state.blocksize)
+
+        block_k = max(64, min(cfg.block_k, 1 << max(0, (k - 1).bit_length())))
+        k_split = -(-k // max(1, cfg.splits))
+        self.k_split = k_split = -(-k_split // block_k) * block_k
+        self.splits = -(-k // k_split)
+        self.grid = (-(-n // cfg.block_n), self.splits)
+        self.constants = dict(
+            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
+            ALIGNED=(k % blocksize == 0), ROUND={torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0), SPLIT=self.splits > 1,
+            BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=min(blocksize, block_k), STEPS=k_split // block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
+        )
+        self.key = _key(weight, quant_state)
+
+    def __call__(self, x, bias=None):
+        """``x`` (contiguous, ``self.dtype``, K values) -> ``(N,)`` in ``self.out_dtype``."""
+        import torch
+
+        n, has_bias = self.n, bias is not None
+        bias_arg = bias if has_bias else self.code
+        out = torch.empty(n, dtype=self.out_dtype, device=self.device)
+        target = out if self.splits == 1 else torch.empty(self.splits * n, dtype=torch.float32, device=self.device)
+        self.kernels.matvec_kernel[self.grid](
+            x, self.packed, self.absmax, self.code, self.code2, self.absmax2, self.offset, bias_arg, target,
+            n, self.k, self.k // 2, self.k_split, HAS_BIAS=has_bias, **self.constants,
+        )
+        if self.splits > 1:
+            block = 256
+            self.kernels.reduce_kernel[(-(-n // block),)](target, bias_arg, out, n, SPLITS=self.splits, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+        return out
+
+
+def _key(weight, quant_state):
+    """What a cached :class:`Plan` depends on: the storage it points at (moving the model changes it)."""
+    data = weight.data if hasattr(weight, "data") else weight
+    return (data.data_ptr(), id(quant_state), quant_state.absmax.data_ptr(), quant_state.code.data_ptr())
+
+
+def plan(weight, quant_state, dtype, device, cfg: Optional[Config] = None, out_dtype=None) -> Plan:
+    """A reusable :class:`Plan` for ``weight`` with inputs of ``dtype`` on ``device``."""
+    return Plan(weight, quant_state, dtype, device, cfg, out_dtype)
+
+
 def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Config] = None):
     """``x @ W.T (+ bias)`` for one input row ``x`` (shape ``(..., K)``, one row) and bitsandbytes'
     packed 4-bit ``weight`` with its ``quant_state``. Returns shape ``(..., N)`` in ``out_dtype``
     (default ``x.dtype``, the compute dtype: float16, bfloat16 or float32). CPU tensors run through
     Triton's interpreter."""
-    import torch
-
-    from . import _nf4_triton as kernels
-
-    n, k = (int(v) for v in quant_state.shape)
+    k = int(quant_state.shape[-1])
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"matvec takes one row of width {k}, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"compute dtype {x.dtype} is not float16, bfloat16 or float32")
-    reason = supports(weight, quant_state, k)
-    if reason:
-        raise ValueError(f"matvec cannot read this weight: {reason}")
-    out_dtype = out_dtype or x.dtype
-    device = x.device
-    cfg = cfg or config(n, k, _sm_count(device))
-
-    packed = weight.data if hasattr(weight, "data") else weight
-    packed = packed.reshape(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
-    if not packed.is_contiguous():
-        packed = packed.contiguous()
-    xs = _flat(x)
-    code = _flat(quant_state.code, torch.float32)
-    absmax = _flat(quant_state.absmax)
-    if quant_state.nested:
-        state2 = quant_state.state2
-        code2 = _flat(state2.code, torch.float32)
-        absmax2 = _flat(state2.absmax, torch.float32)
-        offset = _device_offset(quant_state, device)
-        blocksize2 = int(state2.blocksize)
-    else:
-        code2 = absmax2 = offset = code  # unused
-        blocksize2 = 1
-        if absmax.dtype != torch.float32:
-            absmax = absmax.float()
-    blocksize = int(quant_state.blocksize)
-    round_mode = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
-    bias_arg = _flat(bias) if bias is not None else code
-
-    block_k = max(64, min(cfg.block_k, 1 << max(0, (k - 1).bit_length())))
-    sub = min(blocksize, block_k)
-    k_split = -(-k // max(1, cfg.splits))
-    k_split = -(-k_split // block_k) * block_k
-    splits = -(-k // k_split)
-    out = torch.empty(n, dtype=out_dtype, device=device)
-    if device.type != "cuda" and not kernels.interpreting(kernels.matvec_kernel):
-        raise RuntimeError("matvec on CPU tensors needs Triton's interpreter: TRITON_INTERPRET=1 set before triton is imported")
-    grid = (-(-n // cfg.block_n), splits)
-    target = out if splits == 1 else torch.empty(splits * n, dtype=torch.float32, device=device)
-    kernels.matvec_kernel[grid](
-        xs, packed, absmax, code, code2, absmax2, offset, bias_arg, target,
-        n, k, k // 2, k_split,
-        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested), HAS_BIAS=bias is not None,
-        ALIGNED=(k % blocksize == 0), ROUND=round_mode, SPLIT=splits > 1,
-        BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=sub, STEPS=k_split // block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
-    )
-    if splits > 1:
-        block = 256
-        kernels.reduce_kernel[(-(-n // block),)](target, bias_arg, out, n, SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-    return out.reshape(*x.shape[:-1], n)
+    product = Plan(weight, quant_state, x.dtype, x.device, cfg, out_dtype)
+    y = product(_flat(x), _flat(bias) if bias is not None else None)
+    return y.reshape(*x.shape[:-1], product.n)
 
 
 def _use_kernel(module, x) -> bool:
@@ -269,13 +298,19 @@ def _use_kernel(module, x) -> bool:
 
 
 def _forward(module, original: Callable) -> Callable:
+    cache = {}
+
     def forward(x, *args, **kwargs):
         if args or kwargs or not _use_kernel(module, x):
             return original(x, *args, **kwargs)
         compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
+        weight, quant_state = module.weight, module.weight.quant_state
+        product = cache.get((compute, x.device))
+        if product is None or product.key != _key(weight, quant_state):
+            product = cache[(compute, x.device)] = plan(weight, quant_state, compute, x.device)
         bias = module.bias
-        y = matvec(x.to(compute), module.weight, module.weight.quant_state, bias=bias)
-        return y.to(x.dtype)
+        y = product(_flat(x, compute), _flat(bias) if bias is not None else None)
+        return y.reshape(*x.shape[:-1], product.n).to(x.dtype)
 
     setattr(forward, _MARK, original)
     return forward
