@@ -35,7 +35,8 @@ def quantized(n, k, nested, blocksize=64, seed=0):
     from bitsandbytes import functional as F
 
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    weight = torch.randn(n, k, device="cuda", generator=generator, dtype=torch.float16) * 0.02
+    # quantized from float32, so dequantize_4bit gives the float32 weight each compute dtype rounds from
+    weight = torch.randn(n, k, device="cuda", generator=generator, dtype=torch.float32) * 0.02
     return F.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
 
 
@@ -43,7 +44,7 @@ def reference(x, packed, state, bias, dtype):
     """bitsandbytes' dequantized weight in the compute dtype; the product in float64 on the GPU."""
     from bitsandbytes import functional as F
 
-    weight = F.dequantize_4bit(packed, state).to(dtype).double()
+    weight = F.dequantize_4bit(packed, state).float().to(dtype).double()
     y = x.double().reshape(1, -1) @ weight.t()
     if bias is not None:
         y = y + bias.double()
