@@ -18,23 +18,38 @@ Layout (bitsandbytes' own, checked against ``bitsandbytes.functional.dequantize_
     scale of block ``b`` is ``state2.code[absmax[b]] * state2.absmax[b // state2.blocksize] + offset``.
 
 Exactness
-    Per element the kernel computes ``code[q] * scale`` in float32 and rounds it to the compute dtype,
-    which is exactly bitsandbytes' dequantized weight (the nested scale takes the same float32
-    operations; the compiler may fuse its multiply-add, a last-bit difference in that scale). The
-    products with ``x`` and their sum are float32, the bias is added in float32, the result is rounded
-    once to the compute dtype. So the output equals ``dequantize_4bit(W) @ x`` summed in float32, up
-    to summation order (and bitsandbytes' own rounding of the product before it adds the bias).
-    With ``splits > 1`` the K slices are added in a fixed order: results are deterministic.
+    Per element the kernel computes ``code[q] * scale`` in float32 and rounds it to the compute dtype
+    (round to nearest even; for bfloat16 on the float32 bits, so no bf16 hardware is needed), which is
+    exactly bitsandbytes' dequantized weight; in float32 compute it is not rounded. The nested scale
+    takes the same float32 operations as bitsandbytes (with fp fusion the compiler may fuse its
+    multiply-add: at most a last-bit difference in that scale). The products with ``x`` and their sum
+    are float32, the bias is added in float32, and the result is rounded once to the compute dtype.
+    So the output equals ``x @ dequantize_4bit(W).T`` summed in float32, up to summation order (and
+    bitsandbytes' own rounding of the product before it adds the bias). With ``splits > 1`` the K
+    slices are added in a fixed order by a second kernel: results are deterministic (no atomics), and
+    a CUDA-graph replay gives the same bits as an eager call.
 
 Performance
     A program owns ``BLOCK_N`` output rows and walks K in ``BLOCK_K`` steps, loading the bytes of a
-    ``[BLOCK_N, BLOCK_K // 2]`` tile (contiguous per row, vectorised), two code gathers per byte from
-    the 64-byte table, one scale per row and quantization block. Shapes with few rows (the k/v
-    projections) are split along K so the GPU has enough programs; a second small kernel adds the
-    float32 partials. Configurations come from a fixed heuristic (:func:`config`), overridable per
-    shape in :data:`TUNED`; nothing is autotuned, so calls are safe inside ``torch.cuda.graph``
-    capture (the only allocations are ``torch.empty`` for the output and the partial sums).
-    Plain loads, integer and float32 arithmetic only: runs on sm_75 (T4) as on sm_90.
+    ``[BLOCK_N, BLOCK_K // 2]`` tile (8 or 16 bytes a load instruction), two code gathers per byte
+    from the 64-byte table (L1 hits), one scale per row and quantization block, ``x`` from L1/L2.
+    Shapes with few rows (the k/v projections) are split along K so the GPU has enough programs;
+    a second small kernel adds the float32 partials (and the bias). The tile configuration comes
+    from a fixed heuristic (:func:`config`: 4 rows x up to 1024 columns, 4 warps, a K split when
+    the rows give fewer than two programs per SM), overridable per shape in :data:`TUNED` (filled
+    from ``benchmarks/bench_nf4.py --sweep``). Nothing is autotuned, so a call is safe inside
+    ``torch.cuda.graph`` capture once the kernel has been compiled by an eager call (the only
+    allocations are ``torch.empty`` for the output and the partial sums; no host synchronisation).
+    Plain loads, integer and float32 arithmetic: it builds for sm_75 (T4) as for sm_90 (H100);
+    tests/test_nf4.py compiles both ahead of time.
+
+Use in a model
+    :func:`patch` wraps each ``Linear4bit``'s forward; a call with one row on CUDA (and a weight
+    :func:`supports` accepts: NF4/FP4, even K, power-of-two blocksize, 2-D ``[N, K]`` quant state,
+    not repacked for bitsandbytes' CPU kernel) goes through a :class:`Plan` built once per weight
+    and compute dtype; prefill, training (inputs that need grad), other devices and anything
+    unsupported take bitsandbytes' own forward. The first call of a fresh ``Linear4bit`` also goes to
+    bitsandbytes, which picks its compute dtype then.
 """
 
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
