@@ -8,6 +8,8 @@ For Qwen2.5-7B's and Qwen3-8B's projection shapes (N, K), in NF4 with blocksize 
 * ``bnb gemv_4bit``: ``bitsandbytes.functional.gemv_4bit`` called directly;
 * ``dequantize + matmul``: ``dequantize_4bit`` then ``torch.nn.functional.linear``;
 * ``qwen_magic nf4``: ``qwen_magic.kernels.nf4.matvec`` with its shape heuristic (or TUNED entry);
+* ``qwen_magic nf4 plain loads``: the same tiles with ``tl.load`` table lookups and strided x loads
+  (``x_pairs=False, gather_asm=False``), the variant that uses no inline PTX;
 * ``--sweep``: the kernel over a small grid of tile configurations, the best one per shape reported
   (and printed as ``TUNED`` entries to paste into nf4.py);
 * other formats, for reference only, when installed (gemlite, hqq, torchao): they repack the weight.
@@ -129,6 +131,9 @@ def methods(weights, x, dtype):
     yield "bnb gemv_4bit", lambda i: F.gemv_4bit(x, weights[i][0].t(), state=weights[i][1])
     yield "dequantize + matmul", lambda i: torch.nn.functional.linear(x, F.dequantize_4bit(weights[i][0], weights[i][1]).to(dtype))
     yield "qwen_magic nf4", lambda i: nf4.matvec(x, weights[i][0], weights[i][1])
+    n, k = (int(v) for v in weights[0][1].shape)
+    plain = nf4.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)._replace(x_pairs=False, gather_asm=False)
+    yield "qwen_magic nf4 plain loads", lambda i: nf4.matvec(x, weights[i][0], weights[i][1], cfg=plain)
 
 
 def sweep_configs(n, k):
@@ -258,7 +263,18 @@ def main():
                         continue
                     if best is None or seconds < best[0]:
                         best = (seconds, cfg)
-                if best:
+                if best:  # the winning tile with the other ways of reading x / looking up the table
+                    for x_pairs, gather_asm in [(True, False), (False, True), (False, False)]:
+                        cfg = best[1]._replace(x_pairs=x_pairs, gather_asm=gather_asm)
+                        try:
+                            seconds, _ = time_calls(lambda i, cfg=cfg: nf4.matvec(x, weights[i % copies][0], weights[i % copies][1], cfg=cfg), max(copies, 20), trials=5)
+                        except Exception as error:
+                            print(f"  sweep {cfg}: {error.__class__.__name__}: {str(error)[:120]}")
+                            continue
+                        print(f"  {'variant':<28} {seconds * 1e6:8.1f} us  x_pairs={x_pairs} gather_asm={gather_asm}")
+                        entry.setdefault("variants", []).append(dict(us=seconds * 1e6, GBps=nbytes / seconds / 1e9, config=cfg._asdict()))
+                        if seconds < best[0]:
+                            best = (seconds, cfg)
                     seconds, cfg = best
                     entry["results"]["qwen_magic nf4 (best of sweep)"] = dict(us=seconds * 1e6, GBps=nbytes / seconds / 1e9, how="graph", config=cfg._asdict())
                     tuned[(n, k)] = cfg
@@ -289,7 +305,7 @@ def main():
         lines.append(f"| {entry['model']} | {entry['layer']} | {entry['N']} × {entry['K']} | {entry['bytes'] / 1e6:.1f} | " + " | ".join(cells) + " |")
     if tuned:
         lines += ["", "Sweep winners (paste into qwen_magic/kernels/nf4.py's TUNED for this card):", "", "```python"]
-        lines += [f"    ({n}, {k}): Config(block_n={c.block_n}, block_k={c.block_k}, splits={c.splits}, num_warps={c.num_warps}, num_stages={c.num_stages})," for (n, k), c in tuned.items()]
+        lines += [f"    ({n}, {k}): Config(block_n={c.block_n}, block_k={c.block_k}, splits={c.splits}, num_warps={c.num_warps}, num_stages={c.num_stages}, x_pairs={c.x_pairs}, gather_asm={c.gather_asm})," for (n, k), c in tuned.items()]
         lines += ["```"]
     markdown = "\n".join(lines) + "\n"
     print(markdown)

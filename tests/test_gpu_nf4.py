@@ -82,6 +82,23 @@ def test_qwen_shapes(n, k, dtype):
         assert bool((error <= 2 * eps * ref.abs() + eps * size + 1e-6).all()), f"max difference from bnb.matmul_4bit {error.max().item():.3g}"
 
 
+@pytest.mark.parametrize("variant", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["pairs-asm", "pairs-load", "strided-asm", "strided-load"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n,k", [(512, 3584), (3584, 3584)], ids=["split", "rows"])
+def test_variants(n, k, dtype, variant):
+    """Each way of reading x (pairs / strided) and of looking up the table (inline PTX / tl.load)."""
+    from qwen_magic.kernels import nf4
+
+    dtype = getattr(torch, dtype)
+    x_pairs, gather_asm = variant
+    packed, state = quantized(n, k, nested=n == 512)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    ref, size = reference(x, packed, state, None, dtype)
+    cfg = nf4.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)._replace(x_pairs=x_pairs, gather_asm=gather_asm)
+    assert_close(nf4.matvec(x, packed, state, cfg=cfg), ref, size, dtype)
+
+
 @pytest.mark.parametrize("n,k", [(512, 3584), (3584, 3584)], ids=["split", "rows"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_graph_replay_equals_eager(n, k, dtype):

@@ -154,20 +154,21 @@ def test_matches_bitsandbytes(n, k, blocksize, nested, dtype):
 @interpreted
 @pytest.mark.parametrize("cfg", [(2, 64, 3, False), (4, 128, 2, True), (1, 64, 8, True), (8, 512, 1, False)],
                          ids=["split3", "split2-bias", "split-per-step", "one-tile"])
-def test_tiles_and_splits(cfg):
-    """Other tile sizes, K split in slices (the last one partly past K), with and without bias."""
+@pytest.mark.parametrize("x_pairs", [True, False], ids=["x-pairs", "x-strided"])
+def test_tiles_and_splits(cfg, x_pairs):
+    """Other tile sizes, K split in slices (the last one partly past K), with and without bias, both
+    ways of reading x; K = 448 is not a multiple of 128, and 9 x 440 has blocks across rows."""
     import torch
 
     from qwen_magic.kernels import nf4
 
     block_n, block_k, splits, with_bias = cfg
-    n, k = 9, 448
-    for nested in (False, True):
+    for n, k, nested in [(9, 448, False), (9, 448, True), (9, 440, True)]:
         packed, state = quantized(n, k, 64, nested, seed=3)
         x = torch.randn(k, generator=torch.Generator().manual_seed(4))
         bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
         ref, size = reference(x, packed, state, bias, torch.float32)
-        y = nf4.matvec(x, packed, state, bias=bias, cfg=nf4.Config(block_n=block_n, block_k=block_k, splits=splits))
+        y = nf4.matvec(x, packed, state, bias=bias, cfg=nf4.Config(block_n=block_n, block_k=block_k, splits=splits, x_pairs=x_pairs))
         assert y.shape == (n,)
         assert_close(y, ref, size, torch.float32)
 
@@ -268,7 +269,7 @@ def test_patch_routes_one_row(monkeypatch, compute):
     assert "forward" not in model[0].__dict__
 
 
-def compile_for(capability, dtype, nested, split):
+def compile_for(capability, dtype, nested, split, tuned=True):
     """Compile the kernel ahead of time for a CUDA target (no GPU needed: triton ships ptxas)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -281,7 +282,7 @@ def compile_for(capability, dtype, nested, split):
                      absmax2_ptr="*fp32", offset_ptr="*fp32", bias_ptr=pointer, out_ptr="*fp32" if split else pointer,
                      N="i32", K="i32", KB="i32", k_split="i32")
     constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, ALIGNED=True, ROUND={"fp16": 1, "bf16": 2, "fp32": 0}[dtype],
-                     SPLIT=split, BLOCK_N=4, BLOCK_K=1024, SUB=64, STEPS=2)
+                     SPLIT=split, BLOCK_N=4, BLOCK_K=1024, SUB=64, STEPS=2, X_PAIRS=tuned, GATHER_ASM=tuned)
     signature.update({name: "constexpr" for name in constants})
     aligned = {(index,): [["tt.divisibility", 16]] for index in range(13)}  # what a launch with Qwen's shapes specializes on
     source = ASTSource(fn=kernels.matvec_kernel, signature=signature, constexprs=constants, attrs=aligned)
@@ -294,11 +295,11 @@ def test_compiles_for_t4_and_h100(capability):
     """The kernel builds for sm_75 as for sm_90 in every compute dtype, and reads the packed weight
     with vector loads (several bytes per instruction)."""
     try:
-        compiled = [compile_for(capability, dtype, nested, split) for dtype, nested, split in
-                    [("fp16", False, False), ("bf16", True, False), ("fp32", False, True), ("bf16", False, True)]]
+        compiled = [compile_for(capability, dtype, nested, split, tuned) for dtype, nested, split, tuned in
+                    [("fp16", False, False, True), ("bf16", True, False, True), ("fp32", False, True, True), ("bf16", False, True, False)]]
     except (ImportError, TypeError, AttributeError) as error:  # another triton's compile API
         pytest.skip(f"ahead-of-time compile API differs: {error}")
     for kernel, nested in zip(compiled, [False, True, False, False]):
         ptx = kernel.asm["ptx"]
-        # byte loads only for a nested block's uint8 absmax; the weight itself comes 8 or 16 bytes at a time
-        assert ptx.count("ld.global.b8") <= 2 * int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)
+        # byte loads only for nested blocks' uint8 absmax (a few a thread); the weight (16 bytes a thread) comes 8 or 16 at a time
+        assert ptx.count("ld.global.b8") <= 4 * int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)

@@ -26,7 +26,8 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
             N, K, KB, k_split,
             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
             ALIGNED: tl.constexpr, ROUND: tl.constexpr, SPLIT: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, STEPS: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, STEPS: tl.constexpr,
+            X_PAIRS: tl.constexpr = False, GATHER_ASM: tl.constexpr = False):
     NB: tl.constexpr = BLOCK_K // SUB
     HB: tl.constexpr = SUB // 2
     pid_n = tl.program_id(0)
@@ -52,8 +53,12 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
             col_mask = col < K
         mask = row_mask[:, None, None] & col_mask
         packed = tl.load(w_ptr + row_bytes + (k0 // 2 + byte), mask=mask, other=0).to(tl.int32)
-        w_hi = tl.load(code_ptr + (packed >> 4))
-        w_lo = tl.load(code_ptr + (packed & 15))
+        if GATHER_ASM:  # the table lookups as elementwise PTX loads: they keep the bytes' layout (no shuffle through shared memory)
+            w_hi = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [code_ptr + (packed >> 4)], dtype=tl.float32, is_pure=True, pack=1)
+            w_lo = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [code_ptr + (packed & 15)], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            w_hi = tl.load(code_ptr + (packed >> 4))
+            w_lo = tl.load(code_ptr + (packed & 15))
 
         if ALIGNED:  # one scale per [row, sub-block], broadcast over its HB bytes
             block = rows64[:, None, None] * (K // BLOCKSIZE) + (k0 + sub * SUB) // BLOCKSIZE
@@ -78,8 +83,17 @@ def _matvec(x_ptr, w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_p
             u = w_lo.to(tl.uint32, bitcast=True)
             w_lo = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
-        x_even = tl.load(x_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + col + 1, mask=col_mask, other=0.0).to(tl.float32)
+        if X_PAIRS:  # x read contiguously as [1, NB, HB, 2] (vector loads), then split in even and odd
+            xcol = k0 + sub * SUB + tl.arange(0, SUB)[None, None, :]  # [1, NB, SUB], contiguous
+            if ALIGNED:
+                x_mask = col_mask  # [1, NB, 1]: whole sub-blocks
+            else:
+                x_mask = xcol < K
+            xs = tl.load(x_ptr + xcol, mask=x_mask, other=0.0).to(tl.float32)
+            x_even, x_odd = tl.split(tl.reshape(xs, [1, NB, HB, 2]))
+        else:
+            x_even = tl.load(x_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + col + 1, mask=col_mask, other=0.0).to(tl.float32)
         acc += w_hi * x_even + w_lo * x_odd
 
     y = tl.sum(tl.sum(acc, axis=2), axis=1)

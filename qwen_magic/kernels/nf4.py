@@ -72,6 +72,8 @@ class Config(NamedTuple):
     splits: int = 1  # K slices (requested; rounded so each slice is a whole number of BLOCK_K)
     num_warps: int = 4
     num_stages: int = 2
+    x_pairs: bool = True  # read x contiguously and split it in even/odd columns (else two strided loads)
+    gather_asm: bool = True  # table lookups as inline PTX loads (no layout shuffle; CUDA only, the interpreter uses tl.load)
 
 
 def available(device=None) -> Optional[str]:
@@ -245,6 +247,7 @@ class Plan:
             BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
             ALIGNED=(k % blocksize == 0), ROUND={torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0), SPLIT=self.splits > 1,
             BLOCK_N=cfg.block_n, BLOCK_K=block_k, SUB=min(blocksize, block_k), STEPS=k_split // block_k,
+            X_PAIRS=bool(cfg.x_pairs), GATHER_ASM=bool(cfg.gather_asm) and device.type == "cuda",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True,
         )
         self.key = _key(weight, quant_state)
