@@ -8,6 +8,11 @@ columns of bitsandbytes' packed 4-bit weight, as a 3-D tile ``[BLOCK_N, NB, HB]`
 otherwise it is gathered per element. Each byte holds two codes, the high nibble first (the
 element with the even index), so the byte tile meets ``x`` split into even and odd columns.
 
+``X_PAIRS`` reads ``x`` as ``[1, NB, SUB]`` (contiguous, vector loads) and splits it into even and
+odd columns; otherwise two stride-2 loads. ``GATHER_ASM`` does the table lookups with inline PTX
+(``ld.global.nc.f32``), elementwise ops that keep the bytes' register layout, where ``tl.load``
+gathers get a layout of their own and a shuffle through shared memory (CUDA only).
+
 Codes go through the 16-entry table (a gather from a 64-byte table that stays in L1), are scaled by
 the block's absmax in float32 (double quantization: ``code2[absmax_u8] * absmax2[block // blocksize2]
 + offset``, the same float32 operations bitsandbytes does), rounded to the compute dtype as

@@ -40,8 +40,12 @@ Performance
     from ``benchmarks/bench_nf4.py --sweep``). Nothing is autotuned, so a call is safe inside
     ``torch.cuda.graph`` capture once the kernel has been compiled by an eager call (the only
     allocations are ``torch.empty`` for the output and the partial sums; no host synchronisation).
-    Plain loads, integer and float32 arithmetic: it builds for sm_75 (T4) as for sm_90 (H100);
-    tests/test_nf4.py compiles both ahead of time.
+    By default ``x`` is read contiguously and split into even and odd columns (``x_pairs``) and the
+    table lookups are inline PTX loads (``gather_asm``: elementwise, so they keep the bytes' register
+    layout; Triton's own gathers made it shuffle the tile through shared memory three times a step,
+    now once); both can be switched off per shape in :class:`Config` (the interpreter always uses
+    ``tl.load``). Plain loads, integer and float32 arithmetic: it builds for sm_75 (T4) as for
+    sm_90 (H100); tests/test_nf4.py compiles both ahead of time.
 
 Use in a model
     :func:`patch` wraps each ``Linear4bit``'s forward; a call with one row on CUDA (and a weight
