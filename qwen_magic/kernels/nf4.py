@@ -35,8 +35,8 @@ Performance
     from the 64-byte table (L1 hits), one scale per row and quantization block, ``x`` from L1/L2.
     Shapes with few rows (the k/v projections) are split along K so the GPU has enough programs;
     a second small kernel adds the float32 partials (and the bias). The tile configuration comes
-    from a fixed heuristic (:func:`config`: 4 rows x up to 1024 columns, 4 warps, a K split when
-    the rows give fewer than two programs per SM), overridable per shape in :data:`TUNED` (filled
+    from a fixed heuristic (:func:`config`: about 2 KiB of packed weight a step, 4 warps, a K split
+    when the rows give fewer than two programs per SM), overridable per shape in :data:`TUNED` (filled
     from ``benchmarks/bench_nf4.py --sweep``). Nothing is autotuned, so a call is safe inside
     ``torch.cuda.graph`` capture once the kernel has been compiled by an eager call (the only
     allocations are ``torch.empty`` for the output and the partial sums; no host synchronisation).
@@ -127,9 +127,11 @@ def _sm_count(device) -> int:
 def config(n: int, k: int, sm_count: int = 132) -> Config:
     """The tile configuration for an ``(N, K)`` weight: :data:`TUNED` first, else a heuristic.
 
-    Enough bytes in flight matter most for a memory-bound matrix-vector product: tiles of 4 rows by
-    up to 1024 columns (2 KiB of packed weight per step, 16 bytes a thread at 4 warps), and when the
-    rows give fewer than about two programs per SM, a split of K (at most one slice per step).
+    Enough bytes in flight matter most for a memory-bound matrix-vector product: tiles of about
+    2 KiB of packed weight a step (4 rows x 1024 columns, or 8 rows x 512 columns when 1024 does not
+    divide K but 512 does, so no step is half masked: Qwen2.5's K = 3584 and 18944), 4 warps, and
+    when the rows give fewer than about two programs per SM, a split of K (at most one slice per
+    step). A first guess for H100 and T4 alike, to be replaced by measured :data:`TUNED` entries.
     """
     if (n, k) in TUNED:
         return TUNED[(n, k)]
@@ -137,6 +139,10 @@ def config(n: int, k: int, sm_count: int = 132) -> Config:
     while block_k < min(k, 1024):
         block_k *= 2
     block_n = 4
+    if block_k == 1024 and k % 1024 and k % 512 == 0:
+        block_k = 512
+        if -(-n // 8) >= 4 * sm_count:  # 8 rows only where that still leaves several programs an SM
+            block_n = 8
     programs = -(-n // block_n)
     splits = 1
     if programs < 2 * sm_count:
