@@ -1,0 +1,158 @@
+"""The batch-1 4-bit kernel (qwen_magic/kernels/nf4.py) on a CUDA GPU, on Qwen2.5-7B's projection
+shapes, against bitsandbytes' dequantized weight and its own batch-1 product; CUDA-graph capture and
+replay; patch() on a small model. Skipped without a GPU, bitsandbytes or triton (CPU checks of the
+same kernel: tests/test_nf4.py)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiled kernels only (TRITON_INTERPRET=1 is set)"),
+]
+
+# (N, K) of Qwen2.5-7B: q/o, k/v, gate/up, down.
+SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]
+DTYPES = ["float16", "bfloat16", "float32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def usable():
+    from qwen_magic.kernels import nf4
+
+    reason = nf4.available()
+    if reason:
+        pytest.skip(reason)
+
+
+def quantized(n, k, nested, blocksize=64, seed=0):
+    from bitsandbytes import functional as F
+
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    # quantized from float32, so dequantize_4bit gives the float32 weight each compute dtype rounds from
+    weight = torch.randn(n, k, device="cuda", generator=generator, dtype=torch.float32) * 0.02
+    return F.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+
+
+def reference(x, packed, state, bias, dtype):
+    """bitsandbytes' dequantized weight in the compute dtype; the product in float64 on the GPU."""
+    from bitsandbytes import functional as F
+
+    weight = F.dequantize_4bit(packed, state).float().to(dtype).double()
+    y = x.double().reshape(1, -1) @ weight.t()
+    if bias is not None:
+        y = y + bias.double()
+    size = x.double().abs().reshape(1, -1) @ weight.abs().t()
+    return y.reshape(-1), size.reshape(-1)
+
+
+def assert_close(y, ref, size, dtype):
+    eps = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    error = (y.double().reshape(-1) - ref).abs()
+    limit = eps * ref.abs() + 1e-5 * size + 1e-7
+    assert bool((error <= limit).all()), f"max error {error.max().item():.3g}, worst ratio {(error / limit).max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_qwen_shapes(n, k, dtype):
+    import bitsandbytes as bnb
+
+    from qwen_magic.kernels import nf4
+
+    dtype = getattr(torch, dtype)
+    for nested in (False, True):
+        packed, state = quantized(n, k, nested)
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        bias = torch.randn(n, device="cuda", dtype=dtype) if n == 512 else None  # Qwen2's k/v carry a bias
+        ref, size = reference(x, packed, state, bias, dtype)
+        y = nf4.matvec(x, packed, state, bias=bias)
+        assert y.shape == (1, n) and y.dtype == dtype
+        assert_close(y, ref, size, dtype)
+        # bitsandbytes' own batch-1 product (gemv_4bit), which may round inside its sum: a looser check
+        theirs = bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias).double().reshape(-1)
+        eps = {torch.float32: 1e-4, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+        error = (y.double().reshape(-1) - theirs).abs()
+        assert bool((error <= 2 * eps * ref.abs() + eps * size + 1e-6).all()), f"max difference from bnb.matmul_4bit {error.max().item():.3g}"
+
+
+@pytest.mark.parametrize("variant", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["pairs-asm", "pairs-load", "strided-asm", "strided-load"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("n,k", [(512, 3584), (3584, 3584)], ids=["split", "rows"])
+def test_variants(n, k, dtype, variant):
+    """Each way of reading x (pairs / strided) and of looking up the table (inline PTX / tl.load)."""
+    from qwen_magic.kernels import nf4
+
+    dtype = getattr(torch, dtype)
+    x_pairs, gather_asm = variant
+    packed, state = quantized(n, k, nested=n == 512)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    ref, size = reference(x, packed, state, None, dtype)
+    cfg = nf4.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)._replace(x_pairs=x_pairs, gather_asm=gather_asm)
+    assert_close(nf4.matvec(x, packed, state, cfg=cfg), ref, size, dtype)
+
+
+@pytest.mark.parametrize("n,k", [(512, 3584), (3584, 3584)], ids=["split", "rows"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_graph_replay_equals_eager(n, k, dtype):
+    from qwen_magic.kernels import nf4
+
+    dtype = getattr(torch, dtype)
+    packed, state = quantized(n, k, nested=False)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    static_x = torch.randn(1, k, device="cuda", dtype=dtype)
+    nf4.matvec(static_x, packed, state, bias=bias)  # compile outside the capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        nf4.matvec(static_x, packed, state, bias=bias)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = nf4.matvec(static_x, packed, state, bias=bias)
+    for seed in range(3):
+        x = torch.randn(1, k, device="cuda", dtype=dtype, generator=torch.Generator(device="cuda").manual_seed(seed))
+        static_x.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, nf4.matvec(x, packed, state, bias=bias))  # deterministic: bit for bit
+
+
+@pytest.mark.parametrize("compute", ["float16", "bfloat16"])
+def test_patch_on_gpu(compute):
+    import bitsandbytes as bnb
+
+    from qwen_magic.kernels import nf4
+
+    compute = getattr(torch, compute)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(256, 512, bias=True, compute_dtype=compute, quant_type="nf4"),
+        torch.nn.SiLU(),
+        bnb.nn.Linear4bit(512, 256, bias=False, compute_dtype=compute, quant_type="nf4", compress_statistics=True),
+    ).to("cuda")
+    x = torch.randn(1, 1, 256, device="cuda", dtype=compute)
+    with torch.no_grad():
+        expected = model(x)
+    restore = nf4.patch(model)
+    calls = []
+    original = nf4.Plan.__call__
+    try:
+        nf4.Plan.__call__ = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+        with torch.no_grad():
+            y = model(x)
+            rows = model(torch.randn(2, 256, device="cuda", dtype=compute))
+        assert len(calls) == 2 and rows.shape == (2, 256)
+        assert torch.allclose(y.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    finally:
+        nf4.Plan.__call__ = original
+        restore()
+    assert not any(nf4.is_patched(m) for m in model.modules())

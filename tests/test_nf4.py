@@ -1,0 +1,305 @@
+"""The batch-1 4-bit kernel (qwen_magic/kernels/nf4.py) against bitsandbytes' own dequantization, on
+the CPU through Triton's interpreter; on the GPU: tests/test_gpu_nf4.py.
+
+The interpreter must be chosen before anything imports triton (bitsandbytes does), so a plain run
+starts this file once more in a fresh process with TRITON_INTERPRET=1 (``test_in_interpreter``);
+there the kernel tests run, here they skip. ``TRITON_INTERPRET=1 pytest tests/test_nf4.py`` runs
+them directly. Skipped without triton (the Colab tier) or bitsandbytes.
+
+Tolerances (the kernel sums in float32, in another order than the reference, and rounds once):
+float32 output within 1e-5 of ``sum |x||w|`` (the size the summation errors scale with); float16 and
+bfloat16 within one rounding step of the output (eps * |y|) plus the same.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+HAVE = all(importlib.util.find_spec(name) is not None for name in ("torch", "triton", "bitsandbytes"))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+pytestmark = pytest.mark.skipif(not HAVE, reason="needs torch, triton and bitsandbytes")
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 process (test_in_interpreter)")
+
+
+def test_import_stays_light():
+    """``import qwen_magic.kernels.nf4`` and ``available`` import neither torch nor triton up front."""
+    code = "import sys, qwen_magic, qwen_magic.kernels.nf4; assert 'torch' not in sys.modules and 'triton' not in sys.modules, sorted(m for m in sys.modules if m.startswith(('torch', 'triton')))[:5]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the interpreted run")
+def test_in_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout, result.stdout[-3000:]
+
+
+def test_available_says_why_not():
+    import torch
+
+    from qwen_magic.kernels import nf4
+
+    assert nf4.available("cpu") == "the device is cpu, not CUDA"
+    if not torch.cuda.is_available():
+        assert nf4.available() == "no CUDA device"
+
+
+def quantized(n, k, blocksize, nested, quant_type="nf4", seed=0):
+    import torch
+    from bitsandbytes import functional as F
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator) * 0.05
+    packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    return packed, state
+
+
+def dequantize(packed, state):
+    """bitsandbytes' dequantized weight (float32). With K % blocksize != 0 the blocks run across rows,
+    as bitsandbytes' quantizer and CUDA kernels lay them out; its native CPU dequantizer (0.50) restarts
+    them at each row instead, so those cases use the layout written out here (checked against
+    ``dequantize_4bit`` where the two agree, and against the weight itself in test_layout_reference)."""
+    import torch
+    from bitsandbytes import functional as F
+
+    if state.shape[1] % state.blocksize == 0:
+        return F.dequantize_4bit(packed, state).float()
+    return dequantize_flat(packed, state)
+
+
+def dequantize_flat(packed, state):
+    import torch
+    from bitsandbytes import functional as F
+
+    n, k = state.shape
+    absmax = state.absmax
+    if state.nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    data = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([data >> 4, data & 15], 1).reshape(-1)[: n * k].long()
+    scale = absmax.float().repeat_interleave(state.blocksize)[: n * k]
+    return (state.code.float()[codes] * scale).reshape(n, k)
+
+
+def reference(x, packed, state, bias, dtype):
+    """bitsandbytes' dequantized weight in the compute dtype, then the product in float64."""
+    weight = dequantize(packed, state).to(dtype).double()
+    y = x.double().reshape(1, -1) @ weight.t()
+    if bias is not None:
+        y = y + bias.double()
+    size = x.double().abs().reshape(1, -1) @ weight.abs().t()
+    return y.reshape(-1), size.reshape(-1)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_layout_reference(nested):
+    """The written-out layout is bitsandbytes' where its dequantizer agrees, and reproduces the weight
+    (to 4-bit precision) where blocks run across rows, which bitsandbytes' CPU dequantizer doesn't."""
+    import torch
+    from bitsandbytes import functional as F
+
+    for n, k, blocksize in [(6, 256, 128), (7, 320, 128), (5, 200, 64)]:
+        weight = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.05
+        packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+        written = dequantize_flat(packed, state)
+        if k % blocksize == 0:
+            assert torch.equal(written, F.dequantize_4bit(packed, state).float())
+        else:
+            own = F.dequantize_4bit(packed, state).float()
+            assert (written - weight).abs().max() <= (own - weight).abs().max()
+        # NF4's widest step is about a sixth of a block's absmax
+        assert (written - weight).abs().max() <= 0.2 * weight.abs().max()
+
+
+def assert_close(y, ref, size, dtype):
+    import torch
+
+    eps = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    error = (y.double().reshape(-1) - ref).abs()
+    limit = eps * ref.abs() + 1e-5 * size + 1e-7
+    assert bool((error <= limit).all()), f"max error {error.max().item():.3g}, worst ratio {(error / limit).max().item():.3g}"
+
+
+DTYPES = ["float32", "float16", "bfloat16"]
+# (N, K, blocksize): aligned rows, K not a multiple of the tile, blocks running across rows (K % blocksize != 0).
+SHAPES = [(8, 128, 64), (5, 200, 64), (6, 256, 128), (7, 320, 128), (3, 96, 64)]
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("n,k,blocksize", SHAPES)
+def test_matches_bitsandbytes(n, k, blocksize, nested, dtype):
+    import torch
+
+    from qwen_magic.kernels import nf4
+
+    dtype = getattr(torch, dtype)
+    packed, state = quantized(n, k, blocksize, nested)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2)).to(dtype) if n % 2 else None
+    ref, size = reference(x, packed, state, bias, dtype)
+    y = nf4.matvec(x, packed, state, bias=bias)
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert_close(y, ref, size, dtype)
+
+
+@interpreted
+@pytest.mark.parametrize("cfg", [(2, 64, 3, False), (4, 128, 2, True), (1, 64, 8, True), (8, 512, 1, False)],
+                         ids=["split3", "split2-bias", "split-per-step", "one-tile"])
+@pytest.mark.parametrize("x_pairs", [True, False], ids=["x-pairs", "x-strided"])
+def test_tiles_and_splits(cfg, x_pairs):
+    """Other tile sizes, K split in slices (the last one partly past K), with and without bias, both
+    ways of reading x; K = 448 is not a multiple of 128, and 9 x 440 has blocks across rows."""
+    import torch
+
+    from qwen_magic.kernels import nf4
+
+    block_n, block_k, splits, with_bias = cfg
+    for n, k, nested in [(9, 448, False), (9, 448, True), (9, 440, True)]:
+        packed, state = quantized(n, k, 64, nested, seed=3)
+        x = torch.randn(k, generator=torch.Generator().manual_seed(4))
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(5)) if with_bias else None
+        ref, size = reference(x, packed, state, bias, torch.float32)
+        y = nf4.matvec(x, packed, state, bias=bias, cfg=nf4.Config(block_n=block_n, block_k=block_k, splits=splits, x_pairs=x_pairs))
+        assert y.shape == (n,)
+        assert_close(y, ref, size, torch.float32)
+
+
+@interpreted
+def test_fp4_and_other_storage():
+    """FP4 codes, and a weight stored as another dtype (``quant_storage``) read as its bytes."""
+    import torch
+    from bitsandbytes import functional as F
+
+    from qwen_magic.kernels import nf4
+
+    packed, state = quantized(6, 192, 64, True, quant_type="fp4")
+    x = torch.randn(1, 192, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    ref, size = reference(x, packed, state, None, torch.bfloat16)
+    assert_close(nf4.matvec(x, packed, state), ref, size, torch.bfloat16)
+
+    weight = torch.randn(6, 192, generator=torch.Generator().manual_seed(7))
+    packed16, state16 = F.quantize_4bit(weight, blocksize=64, quant_type="nf4", quant_storage=torch.float16)
+    assert packed16.dtype == torch.float16
+    ref, size = reference(x.float(), packed16, state16, None, torch.float32)
+    assert_close(nf4.matvec(x.float(), packed16, state16), ref, size, torch.float32)
+
+
+@interpreted
+def test_high_nibble_first():
+    """The layout itself: element 2i is the high nibble of byte i (a hand-made weight)."""
+    import torch
+    from bitsandbytes import functional as F
+
+    from qwen_magic.kernels import nf4
+
+    weight = torch.zeros(2, 64)
+    weight[0, 0] = 1.0  # code 15 (+1.0) in the high nibble of byte 0, code 7 (0.0) in the low nibble
+    weight[1, 1] = -1.0
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    assert int(packed.reshape(-1)[0]) == 0xF7 and int(packed.reshape(-1)[32]) == 0x70
+    x = torch.zeros(64)
+    x[0], x[1] = 2.0, 3.0
+    assert nf4.matvec(x, packed, state).tolist() == [2.0, -3.0]
+
+
+def tiny_model(compute_dtype):
+    import bitsandbytes as bnb
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=compute_dtype, quant_type="nf4", compress_statistics=True),
+        torch.nn.ReLU(),
+        bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=compute_dtype, quant_type="nf4"),
+    ).to("cpu")
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False  # keep bitsandbytes' own layout on the CPU
+    return model
+
+
+@interpreted
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_patch_routes_one_row(monkeypatch, compute):
+    import torch
+
+    from qwen_magic.kernels import nf4
+
+    compute = getattr(torch, compute)
+    model = tiny_model(compute)
+    x = torch.randn(1, 1, 128)
+    with torch.no_grad():
+        expected = model(x)  # bitsandbytes' forward (also sets each layer's compute dtype)
+        expected_rows = model(torch.randn(3, 128))
+
+    calls = []
+    run = nf4.Plan.__call__
+    monkeypatch.setattr(nf4.Plan, "__call__", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    monkeypatch.setattr(nf4, "ALLOW_CPU", True)
+    restore = nf4.patch(model)
+    assert all(nf4.is_patched(m) for m in (model[0], model[2]))
+    again = nf4.patch(model)  # idempotent: nothing more to wrap
+    again()
+    assert all(nf4.is_patched(m) for m in (model[0], model[2]))
+    with torch.no_grad():
+        y = model(x)
+    assert len(calls) == 2 and y.shape == expected.shape and y.dtype == expected.dtype
+    tolerance = 1e-4 if compute == torch.float32 else 3e-2
+    assert torch.allclose(y, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
+
+    with torch.no_grad():
+        rows = model(torch.randn(3, 128))  # more than one row: bitsandbytes' own path
+    assert len(calls) == 2 and rows.shape == expected_rows.shape
+    monkeypatch.setattr(nf4, "ALLOW_CPU", False)
+    with torch.no_grad():
+        model(x)  # on the CPU without ALLOW_CPU: bitsandbytes' own path
+    assert len(calls) == 2
+
+    restore()
+    assert not any(nf4.is_patched(m) for m in model.modules())
+    assert "forward" not in model[0].__dict__
+
+
+def compile_for(capability, dtype, nested, split, tuned=True):
+    """Compile the kernel ahead of time for a CUDA target (no GPU needed: triton ships ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qwen_magic.kernels import _nf4_triton as kernels
+
+    pointer = f"*{dtype}"
+    signature = dict(x_ptr=pointer, w_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", code_ptr="*fp32", code2_ptr="*fp32",
+                     absmax2_ptr="*fp32", offset_ptr="*fp32", bias_ptr=pointer, out_ptr="*fp32" if split else pointer,
+                     N="i32", K="i32", KB="i32", k_split="i32")
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, ALIGNED=True, ROUND={"fp16": 1, "bf16": 2, "fp32": 0}[dtype],
+                     SPLIT=split, BLOCK_N=4, BLOCK_K=1024, SUB=64, STEPS=2, X_PAIRS=tuned, GATHER_ASM=tuned)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(index,): [["tt.divisibility", 16]] for index in range(13)}  # what a launch with Qwen's shapes specializes on
+    source = ASTSource(fn=kernels.matvec_kernel, signature=signature, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=2, enable_fp_fusion=True))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel (not the interpreter's)")
+@pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
+def test_compiles_for_t4_and_h100(capability):
+    """The kernel builds for sm_75 as for sm_90 in every compute dtype, and reads the packed weight
+    with vector loads (several bytes per instruction)."""
+    try:
+        compiled = [compile_for(capability, dtype, nested, split, tuned) for dtype, nested, split, tuned in
+                    [("fp16", False, False, True), ("bf16", True, False, True), ("fp32", False, True, True), ("bf16", False, True, False)]]
+    except (ImportError, TypeError, AttributeError) as error:  # another triton's compile API
+        pytest.skip(f"ahead-of-time compile API differs: {error}")
+    for kernel, nested in zip(compiled, [False, True, False, False]):
+        ptx = kernel.asm["ptx"]
+        # byte loads only for nested blocks' uint8 absmax (a few a thread); the weight (16 bytes a thread) comes 8 or 16 at a time
+        assert ptx.count("ld.global.b8") <= 4 * int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)
