@@ -16,91 +16,27 @@ segment, replayed in order (split.py).
 """
 
 import inspect
-import random
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Dict, List, Optional
 
 import torch
 from transformers import StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .attention import ATTENTION, _filled, grouped_attention, register_attention  # noqa: F401 (grouped_attention: tests)
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
 from .prompt import encode, prepare, render
+from .sampler import Sampler
 from .settings import GenerationSettings
-from .split import VERIFY_TOLERANCE, decoder_for
+from .kernels import load_kernels
+from .split import capture_split, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely
 PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
 FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
-SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
-ATTENTION = "qwen_magic_gqa"
-
-
-_filled = threading.local()  # how many cache positions hold real keys during a prefill forward (``.end``)
-
-
-def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """Attention against a static cache: a prefill reads only the filled part, decode groups heads.
-
-    A prefill (more than SMALL_QUERY query tokens) attends to the positions written so
-    far, not to the whole static cache: from position 0 that is exactly the classic
-    recipe's causal attention (no mask, so SDPA takes its flash kernel, as the recipe
-    does), and after a cached prefix a mask cut to the filled length, on kernels that
-    build no per-shape plan (cuDNN's plan builds stalled the first prompt of each length).
-
-    transformers' SDPA path copies each key/value head once per query head that
-    shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
-    decode step. Folding each group of query heads into the query length reads the
-    cache once. The arithmetic is transformers' eager attention (scores in the
-    model's dtype, softmax in float32). Longer queries (prefill) take SDPA as usual.
-    """
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    end = getattr(_filled, "end", None)
-    if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
-        key, value = key[:, :, :end], value[:, :, :end]
-        if end == length and getattr(module, "sliding_window", None) is None:
-            # The whole prompt from position 0: plain causal attention, as the recipe runs it.
-            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
-        if attention_mask is not None:
-            attention_mask = attention_mask[..., :end]
-        with _no_plan_kernels():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    group = heads // kv_heads
-    scale = dim ** -0.5 if scaling is None else scaling
-    grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
-    mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
-    mask = mask.reshape(batch, attention_mask.shape[1], group * length, attention_mask.shape[-1])
-    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
-    output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
-    return output.transpose(1, 2).contiguous(), None
-
-
-def _no_plan_kernels():
-    """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape; as before elsewhere."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: whatever it picks
-        import contextlib
-
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, grouped_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def cache_keyword(model) -> str:
@@ -120,64 +56,13 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-class Sampler:
-    """Repetition penalty, temperature, top-k, top-p and the draw, in that order (as transformers'), on the device.
-
-    The draw is the exponential-race form of sampling (argmax of p / E, E ~ Exp(1)),
-    which needs no host synchronisation, unlike ``torch.multinomial``.
-    """
-
-    def __init__(self, model, settings: GenerationSettings, prompt: List[int], device):
-        defaults = model.generation_config
-        self.greedy = not settings.do_sample or settings.temperature == 0
-        self.temperature = settings.temperature
-        self.top_p = settings.top_p
-        top_k = settings.top_k if settings.top_k is not None else defaults.top_k
-        self.top_k = 50 if top_k is None else top_k
-        penalty = settings.repetition_penalty if settings.repetition_penalty is not None else defaults.repetition_penalty
-        self.penalty = 1.0 if penalty is None else penalty
-        self.seen = None
-        if self.penalty != 1.0:
-            vocab = model.get_output_embeddings().weight.shape[0]
-            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(prompt, device=device)] = True
-        self.generator = None
-        if not self.greedy:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(settings.seed if settings.seed is not None else random.randrange(2**63))
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """(1, vocab) logits -> (1, 1) token id, on the same device."""
-        scores = logits.float()
-        if self.seen is not None:
-            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(self.seen, penalized, scores)
-        if self.greedy:
-            token = scores.argmax(dim=-1, keepdim=True)
-        else:
-            scores = scores / self.temperature
-            if 0 < self.top_k < scores.shape[-1]:
-                kth = torch.topk(scores, self.top_k).values[..., -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            if self.top_p < 1.0:
-                ordered, order = torch.sort(scores, descending=False)
-                cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-                remove = cumulative <= 1 - self.top_p
-                remove[..., -1:] = False
-                scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-            probs = scores.softmax(dim=-1)
-            race = torch.empty_like(probs).exponential_(generator=self.generator)
-            token = (probs / race).argmax(dim=-1, keepdim=True)
-        if self.seen is not None:
-            self.seen.scatter_(0, token.view(-1), True)
-        return token
-
-
 class FastEngine:
     def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None,
-                 placement: Optional[Dict[str, str]] = None):
+                 placement: Optional[Dict[str, str]] = None, kernels: Optional[bool] = None):
         """``placement``: module name -> device label, to cut decode steps into segments by it (tests);
-        by default a model split over several CUDA devices is cut by its device map when graphed."""
+        by default a model split over several CUDA devices is cut by its device map when graphed.
+        ``kernels``: graphed decode steps use the Triton kernels of qwen_magic.kernels where they run
+        (default: with a graph, unless QWEN_MAGIC_KERNELS=0)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
@@ -190,7 +75,12 @@ class FastEngine:
                 # transformers picks the experts each token visits with host-side loops, which a graph cannot hold
                 self.note = " (no CUDA graph: mixture-of-experts layers route tokens on the host)"
         self.use_graph = use_graph
+        self.kernels, missing = load_kernels(self.device, kernels if kernels is not None else use_graph)
         self.name = "static KV cache + CUDA graph" if self.use_graph else "static KV cache"
+        if self.kernels:
+            self.name += " + Triton kernels"
+        elif missing and use_graph:
+            self.note += f" (no Triton kernels: {missing})"
         self.context_length = context_length
         self.end_ids = end_token_ids(model, tokenizer)
         self.lock = threading.Lock()
@@ -214,7 +104,7 @@ class FastEngine:
         # Only models on SDPA get the grouped attention (and get SDPA back on close).
         self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
         if self.grouped:
-            _register_attention()
+            register_attention()
             model.set_attn_implementation(ATTENTION)
 
     # --- the cache
@@ -347,8 +237,21 @@ class FastEngine:
     # --- one decode step
 
     def _capture(self) -> None:
-        if self.split is not None:
-            return self._capture_split()
+        with self._kernels_on():  # warm-up steps compile them, the capture records them
+            if self.split is not None:
+                return capture_split(self)
+            return self._capture_single()
+
+    def _kernels_on(self):
+        """Decode steps (and only they: a prefill stays the recipe's own) run through the Triton kernels."""
+        if not self.kernels:
+            return nullcontext()
+        stack = ExitStack()
+        for module in self.kernels:
+            stack.callback(module.patch(self.model))
+        return stack
+
+    def _capture_single(self) -> None:
         self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         # Warm-up runs really write keys and values: aim them at the last slot, which no turn has reached yet.
         self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
@@ -374,40 +277,6 @@ class FastEngine:
         if saved is not None:
             self.states.put_back(saved)
 
-    def _capture_split(self) -> None:
-        """One graph per device segment (split.py), checked once against an eager step before it is used."""
-        self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
-
-        def warm_up():
-            self.write_position = None
-            self._write_at(self.capacity - 1)  # the last slot, which no turn has reached yet
-            return self._step_eager(self.static_token, self.static_position)
-
-        self.graph = self.split.capture(lambda: self._step_eager(self.static_token, self.static_position), self.device, warm_up)
-        self.static_logits = self.graph.home
-        # Work the hooks did not see (on another device than the segment being captured) would be left out
-        # of the graphs: a replay at another token and position must equal a plain eager step.
-        position = max(self.capacity - 2, 0)
-        token = torch.ones((1, 1), dtype=torch.long, device=self.device)
-        self.write_position = None
-        self._write_at(position)
-        expected = self._step_eager(token, torch.tensor([position], device=self.device)).float()
-        self.write_position = None
-        self._write_at(position)
-        self.static_token.copy_(token)
-        self.static_position.fill_(position)
-        self.graph.replay()
-        got = self.static_logits.float()
-        finite = torch.isfinite(got) & torch.isfinite(expected)  # a random model may overflow: compare the rest
-        error = ((got - expected)[finite].norm() / expected[finite].norm().clamp_min(1e-30)).item()
-        if not torch.equal(torch.isfinite(got), torch.isfinite(expected)):
-            error = float("inf")
-        self.write_position = None
-        if not error < VERIFY_TOLERANCE:
-            self.graph = self.static_logits = None
-            raise RuntimeError(f"the decode graphs of the split model do not reproduce an eager step (relative error {error:.1e})")
-
     def _segmented(self):
         """Eager steps of a split model go through the segment hooks too (copies at each boundary)."""
         return self.split.eager(self.device) if self.split is not None else nullcontext()
@@ -427,7 +296,7 @@ class FastEngine:
         """
         if not self.use_graph:
             self._write_at(position)
-            with self._segmented():
+            with self._segmented(), self._kernels_on():
                 logits = self._step_eager(token, torch.tensor([position], device=self.device))
         else:
             if self.graph is None:

@@ -311,3 +311,39 @@ def decoder_for(model, mapping: Optional[Dict[str, str]] = None) -> Optional[Spl
         if not is_split(mapping):
             return None
     return SplitDecoder(model, mapping)
+
+
+def capture_split(self) -> None:
+    """The fast engine's capture for a split model (``self``: the FastEngine): one graph per device
+    segment, checked once against an eager step before it is used."""
+    self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+    self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
+
+    def warm_up():
+        self.write_position = None
+        self._write_at(self.capacity - 1)  # the last slot, which no turn has reached yet
+        return self._step_eager(self.static_token, self.static_position)
+
+    self.graph = self.split.capture(lambda: self._step_eager(self.static_token, self.static_position), self.device, warm_up)
+    self.static_logits = self.graph.home
+    # Work the hooks did not see (on another device than the segment being captured) would be left out
+    # of the graphs: a replay at another token and position must equal a plain eager step.
+    position = max(self.capacity - 2, 0)
+    token = torch.ones((1, 1), dtype=torch.long, device=self.device)
+    self.write_position = None
+    self._write_at(position)
+    expected = self._step_eager(token, torch.tensor([position], device=self.device)).float()
+    self.write_position = None
+    self._write_at(position)
+    self.static_token.copy_(token)
+    self.static_position.fill_(position)
+    self.graph.replay()
+    got = self.static_logits.float()
+    finite = torch.isfinite(got) & torch.isfinite(expected)  # a random model may overflow: compare the rest
+    error = ((got - expected)[finite].norm() / expected[finite].norm().clamp_min(1e-30)).item()
+    if not torch.equal(torch.isfinite(got), torch.isfinite(expected)):
+        error = float("inf")
+    self.write_position = None
+    if not error < VERIFY_TOLERANCE:
+        self.graph = self.static_logits = None
+        raise RuntimeError(f"the decode graphs of the split model do not reproduce an eager step (relative error {error:.1e})")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwen_magic import fast
+from qwen_magic import attention, fast
 from qwen_magic.engine import generate_reply
 from qwen_magic.fast import FastEngine, Sampler
 from qwen_magic.prompt import prompt_ids
@@ -95,16 +95,16 @@ def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monk
     """From position 0 a prefill is the recipe's causal attention (no mask); after a cached prefix, or in a
     later chunk, it reads the positions written so far under the mask cut to them, never the empty rest."""
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(fast, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
+    monkeypatch.setattr(attention, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
     monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
     seen = []
-    original = fast.sdpa_attention_forward
+    original = attention.sdpa_attention_forward
 
     def spy(module, query, key, value, attention_mask, **kwargs):
         seen.append((query.shape[2], key.shape[2], attention_mask is None))
         return original(module, query, key, value, attention_mask, **kwargs)
 
-    monkeypatch.setattr(fast, "sdpa_attention_forward", spy)
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
     first = tokenizer("介绍广州这座城市, please, in a few words, and its food too.", add_special_tokens=False)["input_ids"]
     reply = tokenizer(" Guangzhou is a city.", add_special_tokens=False)["input_ids"]
     assert len(first) > 32  # several chunks

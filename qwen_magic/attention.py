@@ -1,0 +1,75 @@
+"""Attention against the fast engine's static cache (registered with transformers as ``qwen_magic_gqa``).
+
+A prefill reads only the part of the cache written so far; a decode step (a few query
+tokens) groups the query heads that share a key/value head, so the cache is read once.
+"""
+
+import threading
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
+ATTENTION = "qwen_magic_gqa"
+
+_filled = threading.local()  # how many cache positions hold real keys during a prefill forward (``.end``)
+
+
+def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """Attention against a static cache: a prefill reads only the filled part, decode groups heads.
+
+    A prefill (more than SMALL_QUERY query tokens) attends to the positions written so
+    far, not to the whole static cache: from position 0 that is exactly the classic
+    recipe's causal attention (no mask, so SDPA takes its flash kernel, as the recipe
+    does), and after a cached prefix a mask cut to the filled length, on kernels that
+    build no per-shape plan (cuDNN's plan builds stalled the first prompt of each length).
+
+    transformers' SDPA path copies each key/value head once per query head that
+    shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
+    decode step. Folding each group of query heads into the query length reads the
+    cache once. The arithmetic is transformers' eager attention (scores in the
+    model's dtype, softmax in float32). Longer queries (prefill) take SDPA as usual.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    end = getattr(_filled, "end", None)
+    if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
+        key, value = key[:, :, :end], value[:, :, :end]
+        if end == length and getattr(module, "sliding_window", None) is None:
+            # The whole prompt from position 0: plain causal attention, as the recipe runs it.
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        if attention_mask is not None:
+            attention_mask = attention_mask[..., :end]
+        with _no_plan_kernels():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
+    mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
+    mask = mask.reshape(batch, attention_mask.shape[1], group * length, attention_mask.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
+    output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _no_plan_kernels():
+    """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape; as before elsewhere."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: whatever it picks
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, grouped_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
