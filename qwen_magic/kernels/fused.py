@@ -1,0 +1,447 @@
+"""Fused Triton kernels for the small non-linear parts of a Qwen decoder layer (issue 13, part 2).
+
+A CUDA-graph decode step of a 7B model spends about half its time launching small
+kernels: an RMSNorm is six of them, the rotary embedding of q and k twelve, SiLU
+then multiply two. Here each is one kernel, doing the same arithmetic as
+transformers' eager code, rounding where it rounds:
+
+- **RMSNorm** (Qwen2/Qwen3/Qwen3-MoE, including Qwen3's per-head ``q_norm``/``k_norm``):
+  ``x.float()``, mean of squares, ``x * rsqrt(var + eps)``, rounded to the input dtype,
+  then ``weight * x``. The sum of squares is added in another order than PyTorch's
+  reduction, so the result is within 1 unit in the last place of the output, usually equal.
+  The ``(1 + weight)`` norms of Qwen3.5 / Qwen3-Next (no rounding before the weight)
+  are reproduced too. Any other norm class is left alone.
+- **Rotary embedding** of q and k in one kernel: ``q*cos`` rounded to the dtype,
+  ``rotate_half(q)*sin`` rounded, their sum rounded, as eager does: bitwise equal.
+  ``apply_rotary_pos_emb`` is a module-level function of modeling_qwen2/qwen3/qwen3_moe,
+  so the patch replaces it there with a dispatcher that takes the kernel only inside
+  the forward of a patched model's attention (a per-thread flag); every other caller
+  gets the original function.
+- **SiLU times up** in the MLP: ``silu`` in float32 (``x / (1 + exp(-x))`` with the
+  accurate exp and division PyTorch's CUDA kernel uses), rounded to the dtype, then
+  the product rounded: bitwise equal on CUDA (on a CPU, PyTorch's vectorized exp
+  may differ from the interpreter's by an ulp of float32).
+
+Modules are patched only when their ``forward`` source is exactly the code reproduced
+here (checked with ``inspect``), so a transformers release that changes the
+arithmetic falls back to eager instead of silently computing something else.
+
+    from qwen_magic.kernels import fused
+    if fused.available(model.device) is None:
+        restore = fused.patch(model)   # ...; restore() puts the original forwards back
+
+The kernels run on CUDA tensors of float16, bfloat16 or float32; anything else
+takes the original code. They use fixed launch configurations (no autotuning, no
+host synchronization), so they can be captured in a CUDA graph. For tests,
+``force_kernels(True)`` runs them on CPU tensors too, through Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+import functools
+import importlib
+import inspect
+import os
+import re
+import threading
+from typing import Callable, Optional
+
+import torch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_force_cpu = False
+_local = threading.local()  # .depth > 0 inside a patched attention's forward
+_kernels = None
+_MARK = "_qwen_magic_fused_restore"
+
+
+def force_kernels(on: bool = True) -> None:
+    """Take the kernels on CPU tensors too (for tests under ``TRITON_INTERPRET=1``)."""
+    global _force_cpu
+    _force_cpu = bool(on)
+
+
+def available(device=None) -> Optional[str]:
+    """None when the kernels can run on ``device`` (default: the current CUDA device), else why not, in one line."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install
+        return f"triton is not importable ({type(error).__name__}: {error})".splitlines()[0]
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return f"the model is on {device.type}, not CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if getattr(torch.version, "hip", None):
+        return "the fused kernels are written for NVIDIA GPUs, not ROCm"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 5):
+        return f"the fused kernels need compute capability 7.5 or newer; this GPU has {major}.{minor}"
+    return None
+
+
+# --- the kernels
+
+
+def _build():
+    """The Triton kernels, imported on first use (``import qwen_magic.kernels.fused`` needs no triton)."""
+    global _kernels
+    if _kernels is None:
+        import triton
+
+        from . import _fused_triton as k
+
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        _kernels = dict(rms_norm=k.rms_norm_kernel, rope=k.rope_kernel, silu_mul=k.silu_mul_kernel,
+                        interpreted=interpreted, next_power_of_2=triton.next_power_of_2)
+    return _kernels
+
+
+# No fused multiply-add: eager PyTorch rounds every product before it is added.
+_LAUNCH = dict(enable_fp_fusion=False)
+
+
+def _usable(*tensors) -> bool:
+    return all(
+        isinstance(t, torch.Tensor) and t.dtype in _DTYPES and (t.is_cuda or (_force_cpu and t.device.type == "cpu"))
+        for t in tensors
+    )
+
+
+def _warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension, as Qwen2RMSNorm (``offset=False``) or Qwen3NextRMSNorm (``offset=True``) computes it."""
+    k = _build()
+    n = x.shape[-1]
+    if offset:
+        out_dtype = x.dtype
+    else:
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    rows = x.reshape(-1, n)
+    if rows.shape[0] and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if rows.shape[0] == 0:
+        return out
+    block = k["next_power_of_2"](n)
+    k["rms_norm"][(rows.shape[0],)](
+        rows, weight, out, rows.stride(0), n, float(n), 1.0 / n, float(eps),
+        BLOCK=block, OFFSET=offset, DIVIDE=x.device.type != "cuda", INTERPRETED=k["interpreted"], num_warps=_warps(block), **_LAUNCH,
+    )
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` (unsqueeze_dim=1): q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D)."""
+    kern = _build()
+    batch, hq, seq, dim = q.shape
+    hk = k.shape[1]
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    programs = batch * seq * (hq + hk)
+    if programs == 0:
+        return q_out, k_out
+    cos = cos.expand(batch, seq, dim)
+    sin = sin.expand(batch, seq, dim)
+    block = kern["next_power_of_2"](dim // 2)
+    kern["rope"][(programs,)](
+        q, k, cos, sin, q_out, k_out, hq, hk, seq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        HALF=dim // 2, BLOCK=block, INTERPRETED=kern["interpreted"], num_warps=1, **_LAUNCH,
+    )
+    return q_out, k_out
+
+
+def _rope_supported(q, k, cos, sin) -> bool:
+    if not _usable(q, k, cos, sin) or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        return False
+    if len({q.device, k.device, cos.device, sin.device}) != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
+        return False
+    batch, _, seq, dim = q.shape
+    if dim % 2 or k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != dim:
+        return False
+    for t in (cos, sin):
+        if t.shape[-1] != dim or t.shape[1] != seq or t.shape[0] not in (1, batch):
+            return False
+    if any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
+        return False
+    # empty_like keeps q's strides only for a dense tensor; the kernel takes any output strides anyway
+    return True
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for two tensors of one shape and dtype."""
+    k = _build()
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    n = g.numel()
+    if n == 0:
+        return out
+    block = 1024
+    k["silu_mul"][(triton_cdiv(n, block),)](g, u, out, n, BLOCK=block, INTERPRETED=k["interpreted"], num_warps=4, **_LAUNCH)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- which transformers code is reproduced (checked by source, so a changed formula is never patched)
+
+
+def _body(function) -> Optional[str]:
+    """The statements of a function, without its signature, comments, docstring, whitespace."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+    lines = []
+    for line in source.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("@"):
+            lines.append(line)
+    text = "".join(lines)
+    text = re.sub(r'^def\w+\(.*?\)(->[^:]+)?:', "", re.sub(r"\s+", "", text), count=1)
+    return re.sub(r'^("""|\'\'\').*?\1', "", text, flags=re.S)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+_RMS_FORWARD = _squash("""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+""")
+_OFFSET_FORWARD = _squash("""
+    output = self._norm(x.float())
+    output = output * (1.0 + self.weight.float())
+    return output.type_as(x)
+""")
+_OFFSET_NORM = _squash("return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)")
+_MLP_FORWARD = _squash("""
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+""")
+_ROPE = _squash("""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+""")
+_ROTATE_HALF = _squash("""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+""")
+
+# family module -> (norm classes, offset norm classes, MLP classes, attention classes whose rope we replace)
+_FAMILIES = {
+    "qwen2": (["Qwen2RMSNorm"], [], ["Qwen2MLP"], ["Qwen2Attention"]),
+    "qwen3": (["Qwen3RMSNorm"], [], ["Qwen3MLP"], ["Qwen3Attention"]),
+    "qwen3_moe": (["Qwen3MoeRMSNorm"], [], ["Qwen3MoeMLP"], ["Qwen3MoeAttention"]),
+    # Hybrid families: their norms and MLPs only (their rotary embedding is partial, another formula)
+    "qwen3_next": ([], ["Qwen3NextRMSNorm"], ["Qwen3NextMLP"], []),
+    "qwen3_5": ([], ["Qwen3_5RMSNorm"], ["Qwen3_5MLP"], []),
+    "qwen3_5_moe": ([], ["Qwen3_5MoeRMSNorm"], ["Qwen3_5MoeMLP"], []),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str):
+    try:
+        return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(cls) -> Optional[str]:
+    """'norm', 'offset_norm' or 'mlp' when ``cls`` (a transformers class) computes what our kernels reproduce."""
+    forward = _body(cls.forward)
+    if forward == _RMS_FORWARD:
+        return "norm"
+    if forward == _OFFSET_FORWARD and getattr(cls, "_norm", None) is not None and _body(cls._norm) == _OFFSET_NORM:
+        return "offset_norm"
+    if forward == _MLP_FORWARD:
+        return "mlp"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_verified(family: str) -> bool:
+    module = _module(family)
+    function = getattr(module, "apply_rotary_pos_emb", None)
+    rotate = getattr(module, "rotate_half", None)
+    return (
+        function is not None and rotate is not None and _body(function) == _ROPE and _body(rotate) == _ROTATE_HALF
+        and list(inspect.signature(function).parameters)[:4] == ["q", "k", "cos", "sin"]
+    )
+
+
+def _is_silu(act) -> bool:
+    if type(act) is torch.nn.SiLU:
+        return not act.inplace
+    return type(act).__name__ == "SiLUActivation" and _body(type(act).forward) == _squash("return nn.functional.silu(input)")
+
+
+def _classes():
+    """(class -> kind, attention classes by family) for the families this transformers has."""
+    kinds, attentions = {}, {}
+    for family, (norms, offset_norms, mlps, attns) in _FAMILIES.items():
+        module = _module(family)
+        if module is None:
+            continue
+        for name in norms + offset_norms + mlps:
+            cls = getattr(module, name, None)
+            if cls is not None:
+                kinds[cls] = _verified(cls)
+        for name in attns:
+            cls = getattr(module, name, None)
+            if cls is not None and _rope_verified(family):
+                attentions[cls] = family
+    return kinds, attentions
+
+
+# --- the forwards that take the kernels
+
+
+def _norm_forward(module, original):
+    def forward(hidden_states):
+        if _usable(hidden_states, module.weight) and hidden_states.device == module.weight.device:
+            return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+        return original(hidden_states)
+    return forward
+
+
+def _offset_norm_forward(module, original):
+    def forward(x):
+        if _usable(x, module.weight) and x.device == module.weight.device:
+            return rms_norm(x, module.weight, module.eps, offset=True)
+        return original(x)
+    return forward
+
+
+def _mlp_forward(module, original):
+    def forward(x):
+        gate = module.gate_proj(x)
+        up = module.up_proj(x)
+        if _usable(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape and gate.device == up.device:
+            hidden = silu_mul(gate, up)
+        else:
+            hidden = module.act_fn(gate) * up
+        return module.down_proj(hidden)
+    return forward
+
+
+def _attention_forward(original):
+    def forward(*args, **kwargs):
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _local.depth -= 1
+    return forward
+
+
+_rope_installs = {}  # family -> [original function, number of patched models using it]
+
+
+def _rope_dispatcher(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and all(key == "unsqueeze_dim" and value == 1 for key, value in kwargs.items())
+        if plain and getattr(_local, "depth", 0) > 0 and _rope_supported(q, k, cos, sin):
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+    apply_rotary_pos_emb._qwen_magic_original = original
+    return apply_rotary_pos_emb
+
+
+def _install_rope(family: str) -> None:
+    module = _module(family)
+    entry = _rope_installs.get(family)
+    if entry is None:
+        original = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = _rope_dispatcher(original)
+        entry = _rope_installs[family] = [original, 0]
+    entry[1] += 1
+
+
+def _uninstall_rope(family: str) -> None:
+    entry = _rope_installs.get(family)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        module = _module(family)
+        if getattr(module.apply_rotary_pos_emb, "_qwen_magic_original", None) is entry[0]:
+            module.apply_rotary_pos_emb = entry[0]
+        del _rope_installs[family]
+
+
+def patch(model) -> Callable[[], None]:
+    """Route ``model``'s RMSNorms, SiLU MLPs and rotary embeddings through the fused kernels.
+
+    Instance-level: each module's ``forward`` is replaced on that module only. Calls on
+    CUDA tensors (or CPU ones after ``force_kernels``) take the kernels; anything else
+    the original code. Returns ``restore()``, which puts everything back; patching a
+    patched model returns the same ``restore``. ``restore.counts`` says how many
+    modules of each kind were patched.
+    """
+    existing = getattr(model, _MARK, None)
+    if existing is not None:
+        return existing
+    kinds, attentions = _classes()
+    replaced = []  # (module, had its own forward, that forward)
+    families = []
+    counts = {"norm": 0, "offset_norm": 0, "mlp": 0, "rope": 0}
+    for module in model.modules():
+        cls = type(module)
+        kind = kinds.get(cls)
+        make = None
+        if kind == "norm":
+            make = _norm_forward
+        elif kind == "offset_norm":
+            make = _offset_norm_forward
+        elif kind == "mlp" and _is_silu(getattr(module, "act_fn", None)):
+            make = _mlp_forward
+        family = attentions.get(cls)
+        if make is None and family is None:
+            continue
+        if "forward" in module.__dict__:
+            continue  # someone else replaced this forward: leave it
+        original = module.forward
+        if make is not None:
+            module.forward = make(module, original)
+            counts[kind] += 1
+        else:
+            module.forward = _attention_forward(original)
+            counts["rope"] += 1
+            if family not in families:
+                families.append(family)
+                _install_rope(family)
+        replaced.append(module)
+
+    def restore() -> None:
+        if getattr(model, _MARK, None) is not restore:
+            return  # already restored
+        for module in replaced:
+            module.__dict__.pop("forward", None)
+        for family in families:
+            _uninstall_rope(family)
+        try:
+            delattr(model, _MARK)
+        except AttributeError:
+            pass
+
+    restore.counts = counts
+    object.__setattr__(model, _MARK, restore)
+    return restore
