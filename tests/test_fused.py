@@ -16,7 +16,8 @@ Tolerances (what is asserted, per dtype):
   (the sum of squares is added in another order than PyTorch's, so the float32 variance may
   differ by an ulp, which the rsqrt and the products carry into the last bits).
 End to end, a tiny Qwen2 / Qwen3 / Qwen3-MoE / Qwen3.5 model patched gives float32 logits
-within 1e-5 of the unpatched model and the same greedy tokens.
+within 1e-5 relative error (norm of the difference over the norm) of the unpatched model, and
+the same greedy tokens.
 """
 
 import importlib.util
@@ -187,7 +188,8 @@ def families():
 EXPECTED_KINDS = {  # module kinds each tiny family must have patched
     "qwen2": {"norm", "mlp", "rope"},
     "qwen3": {"norm", "mlp", "rope"},
-    "qwen3_moe": {"norm", "rope"},  # its experts are one grouped module in transformers 5 (MLPs in 4.x)
+    # its experts are one grouped module in transformers 5 (left eager), a list of MLPs in 4.x
+    "qwen3_moe": {"norm", "rope"} | ({"mlp"} if int(__import__("transformers").__version__.split(".")[0]) < 5 else set()),
     "qwen3_5_text": {"offset_norm", "mlp"},
 }
 
@@ -224,9 +226,9 @@ def test_patched_tiny_model_equals_eager(fused, tmp_path, family):
     assert calls["rms_norm"] > 0
     assert (calls["rope"] > 0) == ("rope" in EXPECTED_KINDS[family])
     assert (calls["silu_mul"] > 0) == ("mlp" in EXPECTED_KINDS[family])
-    # Qwen3.5's float32 norm differences (a few ulp) pass through its recurrent layers: a looser bound
-    tolerance = 5e-5 if family == "qwen3_5_text" else 1e-5
-    torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
+    # float32 logits: relative error (norm of the difference over the norm) within 1e-5, as test_fast
+    # asks of the fast engine; elementwise they differ by a few ulp where a norm's variance did
+    assert ((logits - expected_logits).norm() / expected_logits.norm()).item() < 1e-5
     assert tokens == expected_tokens
 
     # restored: nothing of ours is left on the model or in transformers' modules
