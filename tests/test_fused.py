@@ -301,3 +301,25 @@ def test_available_explains_itself():
 def test_import_qwen_magic_imports_no_triton():
     code = "import sys, qwen_magic, qwen_magic.kernels; assert 'triton' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@child_only
+def test_an_instance_forward_already_there_is_wrapped_and_put_back(fused, tmp_path):
+    """accelerate's hooks set ``module.forward`` on the instance: patch wraps it, restore puts it back."""
+    model = tiny_model(tmp_path, "qwen2")
+    norm = model.model.norm
+    calls = []
+    original = norm.forward
+
+    def hooked(hidden_states):
+        calls.append(1)
+        return original(hidden_states)
+
+    norm.forward = hooked
+    restore = fused.patch(model)
+    assert norm.forward is not hooked
+    with torch.inference_mode():
+        model(torch.tensor([[5, 6, 7]]))
+    assert calls == []  # the kernel took the call (on CPU tensors, forced)
+    restore()
+    assert norm.__dict__["forward"] is hooked

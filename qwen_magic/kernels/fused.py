@@ -400,7 +400,7 @@ def patch(model) -> Callable[[], None]:
     if existing is not None:
         return existing
     kinds, attentions = _classes()
-    replaced = []  # (module, had its own forward, that forward)
+    replaced = []  # (module, the forward it had in its own __dict__ (an accelerate hook's, say) or None)
     families = []
     counts = {"norm": 0, "offset_norm": 0, "mlp": 0, "rope": 0}
     for module in model.modules():
@@ -416,8 +416,8 @@ def patch(model) -> Callable[[], None]:
         family = attentions.get(cls)
         if make is None and family is None:
             continue
-        if "forward" in module.__dict__:
-            continue  # someone else replaced this forward: leave it
+        # An instance-level forward already there (accelerate's hooks put one) is wrapped, and put back by restore
+        own = module.__dict__.get("forward")
         original = module.forward
         if make is not None:
             module.forward = make(module, original)
@@ -428,13 +428,16 @@ def patch(model) -> Callable[[], None]:
             if family not in families:
                 families.append(family)
                 _install_rope(family)
-        replaced.append(module)
+        replaced.append((module, own))
 
     def restore() -> None:
         if getattr(model, _MARK, None) is not restore:
             return  # already restored
-        for module in replaced:
-            module.__dict__.pop("forward", None)
+        for module, own in replaced:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = own
         for family in families:
             _uninstall_rope(family)
         try:
