@@ -291,6 +291,41 @@ def test_without_force_cpu_tensors_take_the_original_code(fused, tmp_path):
         restore()
 
 
+@pytest.mark.skipif(CHILD or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="compiles for real GPUs")
+@pytest.mark.parametrize("capability", [75, 90])  # a T4, an H100
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_kernels_compile_to_ptx_without_fused_multiply_adds(capability, dtype):
+    """No GPU needed: Triton compiles the kernels for sm_75 and sm_90 as the launches do
+    (``enable_fp_fusion=False``); norm and rope hold no fma (each product is rounded before it
+    is added, as in eager PyTorch), silu divides with IEEE ``div.rn`` (libdevice's expf has fmas
+    of its own, as CUDA's expf does)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qwen_magic.kernels import _fused_triton as k
+
+    def ptx(fn, signature, constexprs):
+        signature = dict(signature, **{name: "constexpr" for name in constexprs})
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(enable_fp_fusion=False, num_warps=4))
+        return compiled.asm["ptx"]
+
+    pointer = "*" + dtype
+    norm_signature = dict(X=pointer, W=pointer, Y=pointer, stride_x="i32", N="i32", n_float="fp32", inv_n="fp32", eps="fp32")
+    for offset in (False, True):
+        code = ptx(k.rms_norm_kernel, norm_signature, dict(BLOCK=4096, OFFSET=offset, DIVIDE=False, INTERPRETED=False))
+        assert "rsqrt" in code and not re.search(r"\bfma\.", code)
+    rope_signature = {name: pointer for name in ["Q", "K", "C", "S", "QO", "KO"]}
+    rope_signature.update({name: "i32" for name in "HQ HK SEQ sqb sqh sqs skb skh sks sqob sqoh sqos skob skoh skos scb scs ssb sss".split()})
+    code = ptx(k.rope_kernel, rope_signature, dict(HALF=64, BLOCK=64, INTERPRETED=False))
+    assert not re.search(r"\bfma\.", code)
+    code = ptx(k.silu_mul_kernel, dict(G=pointer, U=pointer, Y=pointer, N="i32"), dict(BLOCK=1024, INTERPRETED=False))
+    assert "div.rn.f32" in code and "div.full" not in code and "div.approx" not in code
+
+
 def test_available_explains_itself():
     from qwen_magic.kernels import fused
 
