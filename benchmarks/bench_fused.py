@@ -55,7 +55,8 @@ def kernels_per_step(engine, token, position) -> int:
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine._step_eager(token, torch.tensor([position], device="cuda"))
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+    names = [event.name for event in prof.events() if event.device_type == DeviceType.CUDA]
+    return sum(1 for name in names if not name.startswith(("Memcpy", "Memset")))  # kernels, not copies
 
 
 def prepare(model, tokenizer, prompt):
@@ -72,7 +73,8 @@ def prepare(model, tokenizer, prompt):
 def rewind(engine, position) -> None:
     """Point the cache's writes back at ``position`` (newer static caches advance a counter inside the graph)."""
     engine.write_position = None
-    engine._write_at(position)
+    with torch.inference_mode():  # the cache's tensors are inference tensors
+        engine._write_at(position)
 
 
 def replay_ms(engine, position, replays: int) -> float:
