@@ -5,7 +5,8 @@ kernels: an RMSNorm is six of them, the rotary embedding of q and k twelve, SiLU
 then multiply two. Here each is one kernel, doing the same arithmetic as
 transformers' eager code, rounding where it rounds:
 
-- **RMSNorm** (Qwen2/Qwen3/Qwen3-MoE, including Qwen3's per-head ``q_norm``/``k_norm``):
+- **RMSNorm** (Qwen2/Qwen3/Qwen3-MoE and the text models of Qwen2.5-VL/Qwen3-VL, including
+  Qwen3's per-head ``q_norm``/``k_norm``):
   ``x.float()``, mean of squares, ``x * rsqrt(var + eps)``, rounded to the input dtype,
   then ``weight * x``. The sum of squares is added in another order than PyTorch's
   reduction, so the result is within 1 unit in the last place of the output, usually equal.
@@ -242,16 +243,19 @@ _ROTATE_HALF = _squash("""
     return torch.cat((-x2, x1), dim=-1)
 """)
 
-# family module -> (norm classes, offset norm classes, MLP classes, attention classes whose rope we replace)
-_FAMILIES = {
-    "qwen2": (["Qwen2RMSNorm"], [], ["Qwen2MLP"], ["Qwen2Attention"]),
-    "qwen3": (["Qwen3RMSNorm"], [], ["Qwen3MLP"], ["Qwen3Attention"]),
-    "qwen3_moe": (["Qwen3MoeRMSNorm"], [], ["Qwen3MoeMLP"], ["Qwen3MoeAttention"]),
-    # Hybrid families: their norms and MLPs only (their rotary embedding is partial, another formula)
-    "qwen3_next": ([], ["Qwen3NextRMSNorm"], ["Qwen3NextMLP"], []),
-    "qwen3_5": ([], ["Qwen3_5RMSNorm"], ["Qwen3_5MLP"], []),
-    "qwen3_5_moe": ([], ["Qwen3_5MoeRMSNorm"], ["Qwen3_5MoeMLP"], []),
-}
+# The Qwen families whose norm and MLP classes are considered (any class named ...RMSNorm or
+# ...MLP there whose source is exactly one of the formulas above; vision MLPs, written otherwise, stay eager).
+_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Attention classes whose module-level apply_rotary_pos_emb is the plain one (Qwen3.5 / Qwen3-Next rotate part
+# of each head, the VL models take multimodal sections: theirs stays eager).
+_ROPE_ATTENTIONS = {"Qwen2Attention": "qwen2", "Qwen3Attention": "qwen3", "Qwen3MoeAttention": "qwen3_moe"}
+
+
+def _family_of(cls) -> Optional[str]:
+    parts = cls.__module__.split(".")
+    if len(parts) == 4 and parts[:2] == ["transformers", "models"] and parts[3] == f"modeling_{parts[2]}" and parts[2] in _FAMILIES:
+        return parts[2]
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,22 +296,17 @@ def _is_silu(act) -> bool:
     return type(act).__name__ == "SiLUActivation" and _body(type(act).forward) == _squash("return nn.functional.silu(input)")
 
 
-def _classes():
-    """(class -> kind, attention classes by family) for the families this transformers has."""
-    kinds, attentions = {}, {}
-    for family, (norms, offset_norms, mlps, attns) in _FAMILIES.items():
-        module = _module(family)
-        if module is None:
-            continue
-        for name in norms + offset_norms + mlps:
-            cls = getattr(module, name, None)
-            if cls is not None:
-                kinds[cls] = _verified(cls)
-        for name in attns:
-            cls = getattr(module, name, None)
-            if cls is not None and _rope_verified(family):
-                attentions[cls] = family
-    return kinds, attentions
+@functools.lru_cache(maxsize=None)
+def _kind(cls) -> Optional[str]:
+    """'norm', 'offset_norm', 'mlp', 'rope' (an attention whose rotary embedding we take) or None, for a module class."""
+    family = _family_of(cls)
+    if family is None:
+        return None
+    if cls.__name__.endswith(("RMSNorm", "MLP")):
+        return _verified(cls)
+    if _ROPE_ATTENTIONS.get(cls.__name__) == family and _rope_verified(family):
+        return "rope"
+    return None
 
 
 # --- the forwards that take the kernels
@@ -399,22 +398,13 @@ def patch(model) -> Callable[[], None]:
     existing = getattr(model, _MARK, None)
     if existing is not None:
         return existing
-    kinds, attentions = _classes()
     replaced = []  # (module, the forward it had in its own __dict__ (an accelerate hook's, say) or None)
     families = []
     counts = {"norm": 0, "offset_norm": 0, "mlp": 0, "rope": 0}
     for module in model.modules():
-        cls = type(module)
-        kind = kinds.get(cls)
-        make = None
-        if kind == "norm":
-            make = _norm_forward
-        elif kind == "offset_norm":
-            make = _offset_norm_forward
-        elif kind == "mlp" and _is_silu(getattr(module, "act_fn", None)):
-            make = _mlp_forward
-        family = attentions.get(cls)
-        if make is None and family is None:
+        kind = _kind(type(module))
+        make = {"norm": _norm_forward, "offset_norm": _offset_norm_forward, "mlp": _mlp_forward}.get(kind)
+        if kind is None or (kind == "mlp" and not _is_silu(getattr(module, "act_fn", None))):
             continue
         # An instance-level forward already there (accelerate's hooks put one) is wrapped, and put back by restore
         own = module.__dict__.get("forward")
@@ -425,6 +415,7 @@ def patch(model) -> Callable[[], None]:
         else:
             module.forward = _attention_forward(original)
             counts["rope"] += 1
+            family = _family_of(type(module))
             if family not in families:
                 families.append(family)
                 _install_rope(family)
