@@ -358,3 +358,33 @@ def test_an_instance_forward_already_there_is_wrapped_and_put_back(fused, tmp_pa
     assert calls == []  # the kernel took the call (on CPU tensors, forced)
     restore()
     assert norm.__dict__["forward"] is hooked
+
+
+def test_which_classes_are_patched():
+    """By source: the plain and (1 + weight) norms and the SiLU MLPs; never the gated norms, vision MLPs
+    written otherwise, or the attention of families whose rotary embedding is partial or multimodal."""
+    import importlib
+
+    from qwen_magic.kernels import fused
+
+    def kind(family, name):
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            return "absent"
+        return fused._kind(getattr(module, name)) if hasattr(module, name) else "absent"
+
+    expected = {
+        ("qwen2", "Qwen2RMSNorm"): "norm", ("qwen2", "Qwen2MLP"): "mlp", ("qwen2", "Qwen2Attention"): "rope",
+        ("qwen3", "Qwen3RMSNorm"): "norm", ("qwen3", "Qwen3Attention"): "rope",
+        ("qwen3_moe", "Qwen3MoeRMSNorm"): "norm", ("qwen3_moe", "Qwen3MoeAttention"): "rope",
+        ("qwen3_next", "Qwen3NextRMSNorm"): "offset_norm", ("qwen3_next", "Qwen3NextRMSNormGated"): None,
+        ("qwen3_next", "Qwen3NextAttention"): None,
+        ("qwen3_5", "Qwen3_5RMSNorm"): "offset_norm", ("qwen3_5", "Qwen3_5MLP"): "mlp", ("qwen3_5", "Qwen3_5Attention"): None,
+        ("qwen2_5_vl", "Qwen2_5_VLRMSNorm"): "norm", ("qwen2_5_vl", "Qwen2_5_VLMLP"): None,
+        ("qwen3_vl", "Qwen3VLTextRMSNorm"): "norm", ("qwen3_vl", "Qwen3VLTextMLP"): "mlp", ("qwen3_vl", "Qwen3VLVisionMLP"): None,
+    }
+    for (family, name), want in expected.items():
+        got = kind(family, name)
+        assert got in (want, "absent"), (family, name, got)
+    assert kind("qwen2", "Qwen2RMSNorm") == "norm"  # present in every supported transformers
