@@ -1,7 +1,8 @@
 """The fused kernels' effect on one CUDA-graph decode step (issue 13, part 2).
 
 Builds a model of Qwen2.5-7B-Instruct's shape (or ``--shape qwen3-8b``) with random float16
-weights directly on the GPU (unquantized: nothing is saved or downloaded), captures the fast
+weights directly on the GPU (unquantized: nothing is saved or downloaded; or, with ``--nf4``,
+saved once and loaded in NF4 through the loader, as bench_decode.py does), captures the fast
 engine's single-token decode step as a CUDA graph without and with
 ``qwen_magic.kernels.fused.patch``, and reports for each: the median milliseconds of a graph
 replay (over ``--rounds`` rounds of ``--replays`` replays, the two graphs alternating, so drift
@@ -9,6 +10,7 @@ hits both), the CUDA kernels one step launches (torch.profiler, on the eager ste
 holds), and how far the patched step's logits are from the unpatched one's.
 
     python benchmarks/bench_fused.py [--shape qwen2.5-7b] [--layers 28] [--history 512] [--out DIR]
+    python benchmarks/bench_fused.py --nf4 --model-dir /tmp/qwen7b-shape   # NF4, as %qwen_load loads it
 
 Prints a table; with ``--out`` also writes DIR/bench_fused.json. About a minute on an H100.
 """
@@ -18,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -45,6 +48,18 @@ def build(shape: str, layers: int):
     finally:
         torch.set_default_dtype(torch.float32)
     return model.eval(), build_tokenizer(style=style)
+
+
+def load_nf4(path: str, shape: str):
+    """The shaped model in NF4 through ``%qwen_load``'s loader (built and saved under ``path`` first if absent)."""
+    from bench_decode import build_model
+
+    from qwen_magic import loader
+
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_model(path, shape)
+    loaded = loader.load(path, bits=4, dtype="float16", engine="generate", notify=lambda _: None)
+    return loaded.model.eval(), loaded.tokenizer
 
 
 def kernels_per_step(engine, token, position) -> int:
@@ -95,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--history", type=int, default=512, help="tokens in the cache before the timed step")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--nf4", action="store_true", help="the model in 4-bit NF4 (bitsandbytes), as %%qwen_load loads it")
+    parser.add_argument("--model-dir", help="with --nf4: where the shaped model is (built and saved there if absent)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -102,7 +119,11 @@ def main(argv=None):
     if reason:
         sys.exit(f"bench_fused: {reason}")
     started = time.perf_counter()
-    model, tokenizer = build(args.shape, args.layers)
+    if args.nf4:
+        model, tokenizer = load_nf4(args.model_dir or tempfile.mkdtemp(prefix=f"{args.shape}-shape-"), args.shape)
+    else:
+        model, tokenizer = build(args.shape, args.layers)
+    weights = "NF4, float16 compute" if args.nf4 else "float16"
     prompt = [(i * 7919) % 150000 + 10 for i in range(args.history)]
 
     plain, token, position = prepare(model, tokenizer, prompt)
@@ -139,7 +160,7 @@ def main(argv=None):
     patched.close()
 
     result = dict(
-        device=torch.cuda.get_device_name(), shape=args.shape, layers=model.config.num_hidden_layers, dtype="float16",
+        device=torch.cuda.get_device_name(), shape=args.shape, layers=model.config.num_hidden_layers, weights=weights,
         history=args.history, rounds=args.rounds, replays=args.replays,
         torch=torch.__version__, transformers=__import__("transformers").__version__, triton=__import__("triton").__version__,
         patched_modules=restore.counts,
@@ -148,7 +169,7 @@ def main(argv=None):
         kernels_per_step=dict(unpatched=plain_kernels, patched=patched_kernels),
         logits_relative_error=error, same_argmax=same_argmax, seconds=round(time.perf_counter() - started, 1),
     )
-    print(f"{result['device']}, {args.shape} shape, {result['layers']} layers, float16, {args.history} tokens cached")
+    print(f"{result['device']}, {args.shape} shape, {result['layers']} layers, {weights}, {args.history} tokens cached")
     print(f"{'':10} {'ms/step (median)':>17} {'min':>8} {'CUDA kernels/step':>18}")
     for key in ("unpatched", "patched"):
         print(f"{key:10} {result['ms_per_step'][key]:17.3f} {result['ms_per_step_min'][key]:8.3f} {result['kernels_per_step'][key]:18d}")

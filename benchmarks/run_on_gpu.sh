@@ -43,5 +43,6 @@ case $what in load|all)
 esac
 case $what in fused|all)  # the fused Triton kernels (issue 13): exactness on the GPU, then ms/step and kernels/step
     python3 -m pytest -q -s -m gpu tests/test_gpu_fused.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_fused_tests.txt" | grep -E "differ|relative error|graph patched|passed|failed|Error" | tail -60
-    python3 benchmarks/bench_fused.py --out "$OUT" 2>&1 | tee "$OUT/bench_fused.txt" | tail -8 ;;
+    python3 benchmarks/bench_fused.py --out "$OUT" 2>&1 | tee "$OUT/bench_fused.txt" | tail -8
+    python3 benchmarks/bench_fused.py --nf4 --model-dir $model --out "$OUT/nf4" 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_fused_nf4.txt" | tail -8 ;;
 esac
