@@ -112,6 +112,12 @@ def _warps(block: int) -> int:
     return max(1, min(8, block // 256))
 
 
+@functools.lru_cache(maxsize=None)
+def _reciprocal(n: int) -> float:
+    """1/n divided in float32, as PyTorch's CUDA mean computes its factor (not rounded from a double)."""
+    return (torch.ones((), dtype=torch.float32) / n).item()  # a CPU tensor: no device sync
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension, as Qwen2RMSNorm (``offset=False``) or Qwen3NextRMSNorm (``offset=True``) computes it."""
     k = _build()
@@ -128,7 +134,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = F
         return out
     block = k["next_power_of_2"](n)
     k["rms_norm"][(rows.shape[0],)](
-        rows, weight, out, rows.stride(0), n, float(n), 1.0 / n, float(eps),
+        rows, weight, out, rows.stride(0), n, float(n), _reciprocal(n), float(eps),
         BLOCK=block, OFFSET=offset, DIVIDE=x.device.type != "cuda", INTERPRETED=k["interpreted"], num_warps=_warps(block), **_LAUNCH,
     )
     return out
