@@ -388,3 +388,18 @@ def test_which_classes_are_patched():
         got = kind(family, name)
         assert got in (want, "absent"), (family, name, got)
     assert kind("qwen2", "Qwen2RMSNorm") == "norm"  # present in every supported transformers
+
+
+@child_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_check_runs_each_kernel(fused, dtype):
+    assert fused.check("cpu", dtype) is None
+
+
+@child_only
+def test_check_reports_a_failure_in_one_line(fused, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("Failed to compile the launcher\nmore lines")
+
+    monkeypatch.setattr(fused, "rope", broken)
+    assert fused.check("cpu") == "the fused kernels failed to run: RuntimeError: Failed to compile the launcher"

@@ -46,6 +46,11 @@ def report(name, dtype, got, expected):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_check(fused, dtype):
+    assert fused.check("cuda", dtype) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1, 3584), (1, 7, 3584), (1, 1, 28, 128), (3, 5, 8, 128), (2, 37)])
 def test_rms_norm(fused, dtype, shape):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm

@@ -28,8 +28,13 @@ here (checked with ``inspect``), so a transformers release that changes the
 arithmetic falls back to eager instead of silently computing something else.
 
     from qwen_magic.kernels import fused
-    if fused.available(model.device) is None:
+    reason = fused.available(model.device) or fused.check(model.device, model.dtype)
+    if reason is None:
         restore = fused.patch(model)   # ...; restore() puts the original forwards back
+
+``available`` is cheap (triton importable, a CUDA device of compute capability 7.5 or newer);
+``check`` compiles and runs each kernel once against eager arithmetic (seconds the first time),
+catching a Triton install that cannot build its launcher.
 
 The kernels run on CUDA tensors of float16, bfloat16 or float32; anything else
 takes the original code. They use fixed launch configurations (no autotuning, no
@@ -78,6 +83,32 @@ def available(device=None) -> Optional[str]:
     if (major, minor) < (7, 5):
         return f"the fused kernels need compute capability 7.5 or newer; this GPU has {major}.{minor}"
     return None
+
+
+def check(device=None, dtype=torch.float16) -> Optional[str]:
+    """Run each kernel once on ``device`` (compiling it: a few seconds the first time) against the eager
+    arithmetic; None when all agree, else a one-line reason (a missing C compiler for Triton's
+    launcher, say). ``available`` first."""
+    reason = available(device) if not (_force_cpu and torch.device(device or "cpu").type == "cpu") else None
+    if reason:
+        return reason
+    device = torch.device("cuda") if device is None else torch.device(device)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        random = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)
+        x, weight = random(2, 64), random(64)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        norm_ok = torch.allclose(rms_norm(x, weight, 1e-6).float(), (weight * normed.to(dtype)).float(), rtol=2e-2, atol=1e-3)
+        q, k, cos, sin = random(1, 2, 3, 16), random(1, 1, 3, 16), random(1, 3, 16), random(1, 3, 16)
+        rotate = lambda t: torch.cat((-t[..., 8:], t[..., :8]), dim=-1)
+        eager = [(t * cos[:, None]) + (rotate(t) * sin[:, None]) for t in (q, k)]
+        rope_ok = all(torch.equal(a, b) for a, b in zip(rope(q, k, cos, sin), eager))
+        gate, up = random(100), random(100)
+        silu_ok = torch.allclose(silu_mul(gate, up).float(), (torch.nn.functional.silu(gate) * up).float(), rtol=2e-2, atol=1e-3)
+    except Exception as error:  # compilation or launch
+        return f"the fused kernels failed to run: {type(error).__name__}: {error}".splitlines()[0][:300]
+    failed = [name for name, ok in (("RMSNorm", norm_ok), ("rotary embedding", rope_ok), ("SiLU*up", silu_ok)) if not ok]
+    return f"the fused kernels disagree with eager PyTorch: {', '.join(failed)}" if failed else None
 
 
 # --- the kernels
