@@ -89,10 +89,10 @@ def check(device=None, dtype=torch.float16) -> Optional[str]:
     """Run each kernel once on ``device`` (compiling it: a few seconds the first time) against the eager
     arithmetic; None when all agree, else a one-line reason (a missing C compiler for Triton's
     launcher, say). ``available`` first."""
-    reason = available(device) if not (_force_cpu and torch.device(device or "cpu").type == "cpu") else None
+    device = torch.device("cuda") if device is None else torch.device(device)
+    reason = None if (_force_cpu and device.type == "cpu") else available(device)
     if reason:
         return reason
-    device = torch.device("cuda") if device is None else torch.device(device)
     try:
         generator = torch.Generator().manual_seed(0)
         random = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)
@@ -349,9 +349,16 @@ def _kind(cls) -> Optional[str]:
 # --- the forwards that take the kernels
 
 
+def _norm_usable(x, weight) -> bool:
+    return (
+        _usable(x, weight) and x.device == weight.device and x.dim() >= 1 and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1] and weight.is_contiguous()
+    )
+
+
 def _norm_forward(module, original):
     def forward(hidden_states):
-        if _usable(hidden_states, module.weight) and hidden_states.device == module.weight.device:
+        if _norm_usable(hidden_states, module.weight):
             return rms_norm(hidden_states, module.weight, module.variance_epsilon)
         return original(hidden_states)
     return forward
@@ -359,7 +366,7 @@ def _norm_forward(module, original):
 
 def _offset_norm_forward(module, original):
     def forward(x):
-        if _usable(x, module.weight) and x.device == module.weight.device:
+        if _norm_usable(x, module.weight):
             return rms_norm(x, module.weight, module.eps, offset=True)
         return original(x)
     return forward
