@@ -186,3 +186,40 @@ def test_patched_decode_step_in_a_cuda_graph_equals_eager(fused, tmp_path, famil
     assert error < TOLERANCE[dtype]
     assert relative_error(got, patched_eager) < TOLERANCE[dtype]
     assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_patched_nf4_model_in_a_cuda_graph(fused, tmp_path, dtype):
+    """As %qwen_load loads it (4-bit NF4): the patched graph step against the unpatched eager one."""
+    from qwen_magic import loader
+    from qwen_magic.fast import FastEngine
+    from qwen_magic.tiny import write_tiny_model
+    from test_fast import forced_logits, relative_error
+
+    path = str(write_tiny_model(tmp_path / "nf4", **SHAPE))
+    loaded = loader.load(path, bits=4, dtype=dtype, engine="generate", notify=lambda _: None)
+    try:
+        model, tokenizer = loaded.model, loaded.tokenizer
+        prompt, continuation = list(range(3, 40, 2)), [7, 11, 13, 17, 19, 23]
+        engine = FastEngine(model, tokenizer, context_length=256, use_graph=False)
+        try:
+            expected = forced_logits(engine, prompt, continuation).float()
+        finally:
+            engine.close()
+        restore = fused.patch(model)
+        try:
+            assert restore.counts["norm"] and restore.counts["mlp"] and restore.counts["rope"]
+            engine = FastEngine(model, tokenizer, context_length=256, use_graph=True)
+            try:
+                got = forced_logits(engine, prompt, continuation).float()
+            finally:
+                engine.close()
+        finally:
+            restore()
+    finally:
+        loader.free(loaded)
+    error = relative_error(got, expected)
+    print(f"NF4 {dtype}: graph patched vs eager unpatched {error:.2e}")
+    assert error < TOLERANCE[getattr(torch, dtype)]
+    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
