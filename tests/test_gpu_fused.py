@@ -1,7 +1,7 @@
 """The fused Triton kernels on a CUDA GPU: each kernel against transformers' eager code in float16,
 bfloat16 and float32 at Qwen2.5-7B's sizes, tiny patched Qwen2 / Qwen3 models against unpatched
 ones, and a patched model's decode step captured in a CUDA graph (the fast engine's) against
-eager. Skipped without a GPU or triton.
+eager (also for a tiny NF4 model loaded as %qwen_load does). Skipped without a GPU or triton.
 
 Exactness asserted (and printed with ``-s``): rotary embedding bitwise in every dtype; SiLU
 times up bitwise in float16/bfloat16 and within 1 ulp in float32 (both sides use CUDA's accurate
