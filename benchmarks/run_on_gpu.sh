@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -40,4 +40,9 @@ case $what in split)  # two GPUs (issue 16): the split tests, then the 7B split 
 esac
 case $what in load|all)
     python3 benchmarks/bench_load.py --out "$OUT" --model-dir $model --copy-dir /tmp/qwen7b-shape-nf4 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/load.txt" | tail -12 ;;
+esac
+case $what in fused|all)  # the fused Triton kernels (issue 13): exactness on the GPU, then ms/step and kernels/step
+    python3 -m pytest -q -s -m gpu tests/test_gpu_fused.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_fused_tests.txt" | grep -E "differ|relative error|graph patched|passed|failed|Error" | tail -60
+    python3 benchmarks/bench_fused.py --out "$OUT" 2>&1 | tee "$OUT/bench_fused.txt" | tail -8
+    python3 benchmarks/bench_fused.py --nf4 --model-dir $model --out "$OUT/nf4" 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_fused_nf4.txt" | tail -8 ;;
 esac

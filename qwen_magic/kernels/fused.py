@@ -1,0 +1,485 @@
+"""Fused Triton kernels for the small non-linear parts of a Qwen decoder layer (issue 13, part 2).
+
+A CUDA-graph decode step of a 7B model spends about half its time launching small
+kernels: an RMSNorm is six of them, the rotary embedding of q and k twelve, SiLU
+then multiply two. Here each is one kernel, doing the same arithmetic as
+transformers' eager code, rounding where it rounds:
+
+- **RMSNorm** (Qwen2/Qwen3/Qwen3-MoE and the text models of Qwen2.5-VL/Qwen3-VL, including
+  Qwen3's per-head ``q_norm``/``k_norm``):
+  ``x.float()``, mean of squares, ``x * rsqrt(var + eps)``, rounded to the input dtype,
+  then ``weight * x``. The sum of squares is added in another order than PyTorch's
+  reduction, so the result is within 1 unit in the last place of the output, usually equal.
+  The ``(1 + weight)`` norms of Qwen3.5 / Qwen3-Next (no rounding before the weight)
+  are reproduced too. Any other norm class is left alone.
+- **Rotary embedding** of q and k in one kernel: ``q*cos`` rounded to the dtype,
+  ``rotate_half(q)*sin`` rounded, their sum rounded, as eager does: bitwise equal.
+  ``apply_rotary_pos_emb`` is a module-level function of modeling_qwen2/qwen3/qwen3_moe,
+  so the patch replaces it there with a dispatcher that takes the kernel only inside
+  the forward of a patched model's attention (a per-thread flag); every other caller
+  gets the original function.
+- **SiLU times up** in the MLP: ``silu`` in float32 (``x / (1 + exp(-x))`` with the
+  accurate exp and division PyTorch's CUDA kernel uses), rounded to the dtype, then
+  the product rounded: bitwise equal on CUDA (on a CPU, PyTorch's vectorized exp
+  may differ from the interpreter's by an ulp of float32).
+
+Modules are patched only when their ``forward`` source is exactly the code reproduced
+here (checked with ``inspect``), so a transformers release that changes the
+arithmetic falls back to eager instead of silently computing something else.
+
+    from qwen_magic.kernels import fused
+    reason = fused.available(model.device) or fused.check(model.device, model.dtype)
+    if reason is None:
+        restore = fused.patch(model)   # ...; restore() puts the original forwards back
+
+``available`` is cheap (triton importable, a CUDA device of compute capability 7.5 or newer);
+``check`` compiles and runs each kernel once against eager arithmetic (seconds the first time),
+catching a Triton install that cannot build its launcher.
+
+The kernels run on CUDA tensors of float16, bfloat16 or float32; anything else
+takes the original code. They use fixed launch configurations (no autotuning, no
+host synchronization), so they can be captured in a CUDA graph. For tests,
+``force_kernels(True)`` runs them on CPU tensors too, through Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+import functools
+import importlib
+import inspect
+import os
+import re
+import threading
+from typing import Callable, Optional
+
+import torch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_force_cpu = False
+_local = threading.local()  # .depth > 0 inside a patched attention's forward
+_kernels = None
+_MARK = "_qwen_magic_fused_restore"
+
+
+def force_kernels(on: bool = True) -> None:
+    """Take the kernels on CPU tensors too (for tests under ``TRITON_INTERPRET=1``)."""
+    global _force_cpu
+    _force_cpu = bool(on)
+
+
+def available(device=None) -> Optional[str]:
+    """None when the kernels can run on ``device`` (default: the current CUDA device), else why not, in one line."""
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install
+        return f"triton is not importable ({type(error).__name__}: {error})".splitlines()[0]
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return f"the model is on {device.type}, not CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if getattr(torch.version, "hip", None):
+        return "the fused kernels are written for NVIDIA GPUs, not ROCm"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (7, 5):
+        return f"the fused kernels need compute capability 7.5 or newer; this GPU has {major}.{minor}"
+    return None
+
+
+def check(device=None, dtype=torch.float16) -> Optional[str]:
+    """Run each kernel once on ``device`` (compiling it: a few seconds the first time) against the eager
+    arithmetic; None when all agree, else a one-line reason (a missing C compiler for Triton's
+    launcher, say). ``available`` first."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    reason = None if (_force_cpu and device.type == "cpu") else available(device)
+    if reason:
+        return reason
+    try:
+        generator = torch.Generator().manual_seed(0)
+        random = lambda *shape: torch.randn(*shape, generator=generator).to(device, dtype)
+        x, weight = random(2, 64), random(64)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        norm_ok = torch.allclose(rms_norm(x, weight, 1e-6).float(), (weight * normed.to(dtype)).float(), rtol=2e-2, atol=1e-3)
+        q, k, cos, sin = random(1, 2, 3, 16), random(1, 1, 3, 16), random(1, 3, 16), random(1, 3, 16)
+        rotate = lambda t: torch.cat((-t[..., 8:], t[..., :8]), dim=-1)
+        eager = [(t * cos[:, None]) + (rotate(t) * sin[:, None]) for t in (q, k)]
+        rope_ok = all(torch.equal(a, b) for a, b in zip(rope(q, k, cos, sin), eager))
+        gate, up = random(100), random(100)
+        silu_ok = torch.allclose(silu_mul(gate, up).float(), (torch.nn.functional.silu(gate) * up).float(), rtol=2e-2, atol=1e-3)
+    except Exception as error:  # compilation or launch
+        return f"the fused kernels failed to run: {type(error).__name__}: {error}".splitlines()[0][:300]
+    failed = [name for name, ok in (("RMSNorm", norm_ok), ("rotary embedding", rope_ok), ("SiLU*up", silu_ok)) if not ok]
+    return f"the fused kernels disagree with eager PyTorch: {', '.join(failed)}" if failed else None
+
+
+# --- the kernels
+
+
+def _build():
+    """The Triton kernels, imported on first use (``import qwen_magic.kernels.fused`` needs no triton)."""
+    global _kernels
+    if _kernels is None:
+        import triton
+
+        from . import _fused_triton as k
+
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        _kernels = dict(rms_norm=k.rms_norm_kernel, rope=k.rope_kernel, silu_mul=k.silu_mul_kernel,
+                        interpreted=interpreted, next_power_of_2=triton.next_power_of_2)
+    return _kernels
+
+
+# No fused multiply-add: eager PyTorch rounds every product before it is added.
+_LAUNCH = dict(enable_fp_fusion=False)
+
+
+def _usable(*tensors) -> bool:
+    return all(
+        isinstance(t, torch.Tensor) and t.dtype in _DTYPES and (t.is_cuda or (_force_cpu and t.device.type == "cpu"))
+        for t in tensors
+    )
+
+
+def _warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _reciprocal(n: int) -> float:
+    """1/n divided in float32, as PyTorch's CUDA mean computes its factor (not rounded from a double)."""
+    return (torch.ones((), dtype=torch.float32) / n).item()  # a CPU tensor: no device sync
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension, as Qwen2RMSNorm (``offset=False``) or Qwen3NextRMSNorm (``offset=True``) computes it."""
+    k = _build()
+    n = x.shape[-1]
+    if offset:
+        out_dtype = x.dtype
+    else:
+        out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    rows = x.reshape(-1, n)
+    if rows.shape[0] and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if rows.shape[0] == 0:
+        return out
+    block = k["next_power_of_2"](n)
+    k["rms_norm"][(rows.shape[0],)](
+        rows, weight, out, rows.stride(0), n, float(n), _reciprocal(n), float(eps),
+        BLOCK=block, OFFSET=offset, DIVIDE=x.device.type != "cuda", INTERPRETED=k["interpreted"], num_warps=_warps(block), **_LAUNCH,
+    )
+    return out
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``apply_rotary_pos_emb(q, k, cos, sin)`` (unsqueeze_dim=1): q (B, Hq, S, D), k (B, Hk, S, D), cos/sin (B, S, D)."""
+    kern = _build()
+    batch, hq, seq, dim = q.shape
+    hk = k.shape[1]
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    programs = batch * seq * (hq + hk)
+    if programs == 0:
+        return q_out, k_out
+    cos = cos.expand(batch, seq, dim)
+    sin = sin.expand(batch, seq, dim)
+    block = kern["next_power_of_2"](dim // 2)
+    kern["rope"][(programs,)](
+        q, k, cos, sin, q_out, k_out, hq, hk, seq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        HALF=dim // 2, BLOCK=block, INTERPRETED=kern["interpreted"], num_warps=1, **_LAUNCH,
+    )
+    return q_out, k_out
+
+
+def _rope_supported(q, k, cos, sin) -> bool:
+    if not _usable(q, k, cos, sin) or len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        return False
+    if len({q.device, k.device, cos.device, sin.device}) != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.dim() != 3:
+        return False
+    batch, _, seq, dim = q.shape
+    if dim % 2 or k.shape[0] != batch or k.shape[2] != seq or k.shape[3] != dim:
+        return False
+    for t in (cos, sin):
+        if t.shape[-1] != dim or t.shape[1] != seq or t.shape[0] not in (1, batch):
+            return False
+    if any(t.stride(-1) != 1 for t in (q, k, cos, sin)):
+        return False
+    # empty_like keeps q's strides only for a dense tensor; the kernel takes any output strides anyway
+    return True
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for two tensors of one shape and dtype."""
+    k = _build()
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    n = g.numel()
+    if n == 0:
+        return out
+    block = 1024
+    k["silu_mul"][(triton_cdiv(n, block),)](g, u, out, n, BLOCK=block, INTERPRETED=k["interpreted"], num_warps=4, **_LAUNCH)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- which transformers code is reproduced (checked by source, so a changed formula is never patched)
+
+
+def _body(function) -> Optional[str]:
+    """The statements of a function, without its signature, comments, docstring, whitespace."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+    lines = []
+    for line in source.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("@"):
+            lines.append(line)
+    text = "".join(lines)
+    text = re.sub(r'^def\w+\(.*?\)(->[^:]+)?:', "", re.sub(r"\s+", "", text), count=1)
+    return re.sub(r'^("""|\'\'\').*?\1', "", text, flags=re.S)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)
+
+
+_RMS_FORWARD = _squash("""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+""")
+_OFFSET_FORWARD = _squash("""
+    output = self._norm(x.float())
+    output = output * (1.0 + self.weight.float())
+    return output.type_as(x)
+""")
+_OFFSET_NORM = _squash("return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)")
+_MLP_FORWARD = _squash("""
+    down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return down_proj
+""")
+_ROPE = _squash("""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+""")
+_ROTATE_HALF = _squash("""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+""")
+
+# The Qwen families whose norm and MLP classes are considered (any class named ...RMSNorm or
+# ...MLP there whose source is exactly one of the formulas above; vision MLPs, written otherwise, stay eager).
+_FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Attention classes whose module-level apply_rotary_pos_emb is the plain one (Qwen3.5 / Qwen3-Next rotate part
+# of each head, the VL models take multimodal sections: theirs stays eager).
+_ROPE_ATTENTIONS = {"Qwen2Attention": "qwen2", "Qwen3Attention": "qwen3", "Qwen3MoeAttention": "qwen3_moe"}
+
+
+def _family_of(cls) -> Optional[str]:
+    parts = cls.__module__.split(".")
+    if len(parts) == 4 and parts[:2] == ["transformers", "models"] and parts[3] == f"modeling_{parts[2]}" and parts[2] in _FAMILIES:
+        return parts[2]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str):
+    try:
+        return importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(cls) -> Optional[str]:
+    """'norm', 'offset_norm' or 'mlp' when ``cls`` (a transformers class) computes what our kernels reproduce."""
+    forward = _body(cls.forward)
+    if forward == _RMS_FORWARD:
+        return "norm"
+    if forward == _OFFSET_FORWARD and getattr(cls, "_norm", None) is not None and _body(cls._norm) == _OFFSET_NORM:
+        return "offset_norm"
+    if forward == _MLP_FORWARD:
+        return "mlp"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_verified(family: str) -> bool:
+    module = _module(family)
+    function = getattr(module, "apply_rotary_pos_emb", None)
+    rotate = getattr(module, "rotate_half", None)
+    return (
+        function is not None and rotate is not None and _body(function) == _ROPE and _body(rotate) == _ROTATE_HALF
+        and list(inspect.signature(function).parameters)[:4] == ["q", "k", "cos", "sin"]
+    )
+
+
+def _is_silu(act) -> bool:
+    if type(act) is torch.nn.SiLU:
+        return not act.inplace
+    return type(act).__name__ == "SiLUActivation" and _body(type(act).forward) == _squash("return nn.functional.silu(input)")
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(cls) -> Optional[str]:
+    """'norm', 'offset_norm', 'mlp', 'rope' (an attention whose rotary embedding we take) or None, for a module class."""
+    family = _family_of(cls)
+    if family is None:
+        return None
+    if cls.__name__.endswith(("RMSNorm", "MLP")):
+        return _verified(cls)
+    if _ROPE_ATTENTIONS.get(cls.__name__) == family and _rope_verified(family):
+        return "rope"
+    return None
+
+
+# --- the forwards that take the kernels
+
+
+def _norm_usable(x, weight) -> bool:
+    return (
+        _usable(x, weight) and x.device == weight.device and x.dim() >= 1 and weight.dim() == 1
+        and weight.shape[0] == x.shape[-1] and weight.is_contiguous()
+    )
+
+
+def _norm_forward(module, original):
+    def forward(hidden_states):
+        if _norm_usable(hidden_states, module.weight):
+            return rms_norm(hidden_states, module.weight, module.variance_epsilon)
+        return original(hidden_states)
+    return forward
+
+
+def _offset_norm_forward(module, original):
+    def forward(x):
+        if _norm_usable(x, module.weight):
+            return rms_norm(x, module.weight, module.eps, offset=True)
+        return original(x)
+    return forward
+
+
+def _mlp_forward(module, original):
+    def forward(x):
+        gate = module.gate_proj(x)
+        up = module.up_proj(x)
+        if _usable(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape and gate.device == up.device:
+            hidden = silu_mul(gate, up)
+        else:
+            hidden = module.act_fn(gate) * up
+        return module.down_proj(hidden)
+    return forward
+
+
+def _attention_forward(original):
+    def forward(*args, **kwargs):
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _local.depth -= 1
+    return forward
+
+
+_rope_installs = {}  # family -> [original function, number of patched models using it]
+
+
+def _rope_dispatcher(original):
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain = not args and all(key == "unsqueeze_dim" and value == 1 for key, value in kwargs.items())
+        if plain and getattr(_local, "depth", 0) > 0 and _rope_supported(q, k, cos, sin):
+            return rope(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+    apply_rotary_pos_emb._qwen_magic_original = original
+    return apply_rotary_pos_emb
+
+
+def _install_rope(family: str) -> None:
+    module = _module(family)
+    entry = _rope_installs.get(family)
+    if entry is None:
+        original = module.apply_rotary_pos_emb
+        module.apply_rotary_pos_emb = _rope_dispatcher(original)
+        entry = _rope_installs[family] = [original, 0]
+    entry[1] += 1
+
+
+def _uninstall_rope(family: str) -> None:
+    entry = _rope_installs.get(family)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] <= 0:
+        module = _module(family)
+        if getattr(module.apply_rotary_pos_emb, "_qwen_magic_original", None) is entry[0]:
+            module.apply_rotary_pos_emb = entry[0]
+        del _rope_installs[family]
+
+
+def patch(model) -> Callable[[], None]:
+    """Route ``model``'s RMSNorms, SiLU MLPs and rotary embeddings through the fused kernels.
+
+    Instance-level: each module's ``forward`` is replaced on that module only. Calls on
+    CUDA tensors (or CPU ones after ``force_kernels``) take the kernels; anything else
+    the original code. Returns ``restore()``, which puts everything back; patching a
+    patched model returns the same ``restore``. ``restore.counts`` says how many
+    modules of each kind were patched.
+    """
+    existing = getattr(model, _MARK, None)
+    if existing is not None:
+        return existing
+    replaced = []  # (module, the forward it had in its own __dict__ (an accelerate hook's, say) or None)
+    families = []
+    counts = {"norm": 0, "offset_norm": 0, "mlp": 0, "rope": 0}
+    for module in model.modules():
+        kind = _kind(type(module))
+        make = {"norm": _norm_forward, "offset_norm": _offset_norm_forward, "mlp": _mlp_forward}.get(kind)
+        if kind is None or (kind == "mlp" and not _is_silu(getattr(module, "act_fn", None))):
+            continue
+        # An instance-level forward already there (accelerate's hooks put one) is wrapped, and put back by restore
+        own = module.__dict__.get("forward")
+        original = module.forward
+        if make is not None:
+            module.forward = make(module, original)
+            counts[kind] += 1
+        else:
+            module.forward = _attention_forward(original)
+            counts["rope"] += 1
+            family = _family_of(type(module))
+            if family not in families:
+                families.append(family)
+                _install_rope(family)
+        replaced.append((module, own))
+
+    def restore() -> None:
+        if getattr(model, _MARK, None) is not restore:
+            return  # already restored
+        for module, own in replaced:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = own
+        for family in families:
+            _uninstall_rope(family)
+        try:
+            delattr(model, _MARK)
+        except AttributeError:
+            pass
+
+    restore.counts = counts
+    object.__setattr__(model, _MARK, restore)
+    return restore
