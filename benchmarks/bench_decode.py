@@ -283,6 +283,17 @@ def main():
                 results[f"cached_tokens_{n}"] = reply.cached_tokens
         results[f"ttft_s_ours_{n}"] = statistics.median(times)
         results[f"ttft_s_ours_uncached_{n}"] = cold
+    # The same engine without the Triton kernels (what they add), on the same loaded model.
+    engine.close()
+    from qwen_magic.fast import FastEngine
+
+    plain = FastEngine(ours.model, tokenizer, context_length=ours.context_length, kernels=False)
+    plain.end_ids = set()
+    generate_reply(plain, question_messages, settings["greedy"])
+    for name in ("sampled", "greedy"):
+        rates = [generate_reply(plain, question_messages, settings[name]).tokens_per_second for _ in range(3)]
+        results[f"decode_tps_ours_nokernels_{name}"] = statistics.median(rates)
+    plain.close()
     loader.free(ours)
     # Peak memory, each in a process of its own, so nothing of the other's run is counted.
     for side in ("classic", "ours"):
@@ -299,6 +310,11 @@ def report(r, args):
         ("decode tokens/s, sampled (T 0.7, top-p 0.9)", r["decode_tps_classic_sampled"], r["decode_tps_ours_sampled"], "x"),
         ("decode tokens/s, greedy", r["decode_tps_classic_greedy"], r["decode_tps_ours_greedy"], "x"),
     ]
+    if "decode_tps_ours_nokernels_greedy" in r:
+        rows += [
+            ("decode tokens/s, sampled, qwen_magic without Triton kernels", r["decode_tps_classic_sampled"], r["decode_tps_ours_nokernels_sampled"], "x"),
+            ("decode tokens/s, greedy, qwen_magic without Triton kernels", r["decode_tps_classic_greedy"], r["decode_tps_ours_nokernels_greedy"], "x"),
+        ]
     for n in args.history:
         rows.append((f"time to first token, {r[f'history_tokens_{n}']:,}-token prompt (s)", r[f"ttft_s_classic_{n}"], r[f"ttft_s_ours_{n}"], "/"))
     rows += [

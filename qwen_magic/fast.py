@@ -18,7 +18,7 @@ segment, replayed in order (split.py).
 import inspect
 import threading
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -30,7 +30,7 @@ from .hybrid import HybridStates, is_hybrid
 from .prompt import encode, prepare, render
 from .sampler import Sampler
 from .settings import GenerationSettings
-from .kernels import load_kernels
+from .kernels import decoding, load_kernels, release
 from .split import capture_split, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
@@ -75,12 +75,7 @@ class FastEngine:
                 # transformers picks the experts each token visits with host-side loops, which a graph cannot hold
                 self.note = " (no CUDA graph: mixture-of-experts layers route tokens on the host)"
         self.use_graph = use_graph
-        self.kernels, missing = load_kernels(self.device, kernels if kernels is not None else use_graph)
         self.name = "static KV cache + CUDA graph" if self.use_graph else "static KV cache"
-        if self.kernels:
-            self.name += " + Triton kernels"
-        elif missing and use_graph:
-            self.note += f" (no Triton kernels: {missing})"
         self.context_length = context_length
         self.end_ids = end_token_ids(model, tokenizer)
         self.lock = threading.Lock()
@@ -101,6 +96,13 @@ class FastEngine:
         if self.split is not None and self.hybrid:
             self.split.close()
             raise RuntimeError("a hybrid model split over several GPUs runs on transformers generate")
+        self.kernels, missing = load_kernels(self.device, kernels if kernels is not None else use_graph, getattr(model, "dtype", None))
+        # Patched once (the kernels keep per-weight plans), taken only inside decoding(): see _kernels_on.
+        self.unpatch = [module.patch(model) for module in self.kernels]
+        if self.kernels:
+            self.name += " + Triton kernels"
+        elif missing and use_graph:
+            self.note += f" (no Triton kernels: {missing})"
         # Only models on SDPA get the grouped attention (and get SDPA back on close).
         self.grouped = getattr(model.config, "_attn_implementation", None) in ("sdpa", ATTENTION)
         if self.grouped:
@@ -244,12 +246,7 @@ class FastEngine:
 
     def _kernels_on(self):
         """Decode steps (and only they: a prefill stays the recipe's own) run through the Triton kernels."""
-        if not self.kernels:
-            return nullcontext()
-        stack = ExitStack()
-        for module in self.kernels:
-            stack.callback(module.patch(self.model))
-        return stack
+        return decoding() if self.kernels else nullcontext()
 
     def _capture_single(self) -> None:
         self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
@@ -392,6 +389,11 @@ class FastEngine:
         self._drop_cache()
         if self.split is not None:
             self.split.close()
+        while self.unpatch:
+            self.unpatch.pop()()
+        if self.kernels:
+            self.kernels = []
+            release()
         if self.model is not None and self.grouped:
             self.model.set_attn_implementation("sdpa")
         self.model = None

@@ -50,7 +50,7 @@ def test_nf4_load_takes_the_fast_engine(nf4):
     assert layers and all(m.weight.quant_state.quant_type == "nf4" for m in layers)
     assert nf4.precision.startswith("4-bit NF4")
     assert nf4.devices == "cuda:0" and nf4.gpu_bytes > 0
-    assert nf4.engine.name == "static KV cache + CUDA graph"
+    assert nf4.engine.name == "static KV cache + CUDA graph + Triton kernels", nf4.engine.name + nf4.engine_note
 
 
 def incremental_logits(model, prompt, continuation):

@@ -3,10 +3,40 @@ imports torch (and triton, lazily) itself."""
 
 import importlib
 import os
+import threading
+from contextlib import contextmanager
+
+_decoding = threading.local()
+_engines = 0  # fast engines using the kernels now: while any is open, they run inside decoding() alone
 
 
-def load_kernels(device, wanted: bool):
-    """The kernel modules (qwen_magic.kernels) usable on ``device``, and why any is not (one line)."""
+def allowed() -> bool:
+    """Whether a patched module may take its kernel now (always, unless an open engine keeps them to its decode steps)."""
+    return _engines == 0 or getattr(_decoding, "on", False)
+
+
+def release() -> None:
+    """An engine that got kernels from load_kernels is closed."""
+    global _engines
+    _engines = max(0, _engines - 1)
+
+
+@contextmanager
+def decoding():
+    """The fast engine's decode steps (warm-ups, graph capture, eager steps): the kernels run here. Its prefill,
+    and anything else using the model (transformers' generate for a window with pictures), keep the stock path."""
+    before = getattr(_decoding, "on", False)
+    _decoding.on = True
+    try:
+        yield
+    finally:
+        _decoding.on = before
+
+
+def load_kernels(device, wanted: bool, dtype=None):
+    """The kernel modules (qwen_magic.kernels) usable on ``device``, and why any is not (one line).
+    A module with a ``check`` runs its kernels once against eager arithmetic in ``dtype`` first."""
+    global _engines
     if not wanted or os.environ.get("QWEN_MAGIC_KERNELS", "1") == "0":
         return [], ""
     found, reasons = [], []
@@ -14,10 +44,14 @@ def load_kernels(device, wanted: bool):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
             reason = module.available(device)
+            if reason is None and dtype is not None and hasattr(module, "check"):
+                reason = module.check(device, dtype)
         except Exception as error:  # a broken triton install must not stop the engine
             reason = f"{name}: {type(error).__name__}: {error}"
         if reason:
             reasons.append(reason)
         else:
             found.append(module)
+    if found:
+        _engines += 1  # the caller calls release() when done with them
     return found, "; ".join(dict.fromkeys(reasons))

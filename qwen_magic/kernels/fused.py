@@ -53,6 +53,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import allowed
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _force_cpu = False
 _local = threading.local()  # .depth > 0 inside a patched attention's forward
@@ -133,7 +135,7 @@ _LAUNCH = dict(enable_fp_fusion=False)
 
 
 def _usable(*tensors) -> bool:
-    return all(
+    return allowed() and all(
         isinstance(t, torch.Tensor) and t.dtype in _DTYPES and (t.is_cuda or (_force_cpu and t.device.type == "cpu"))
         for t in tensors
     )

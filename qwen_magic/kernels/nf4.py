@@ -307,6 +307,10 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
 def _use_kernel(module, x) -> bool:
     import torch
 
+    from . import allowed
+
+    if not allowed():
+        return False
     if x.shape[-1] == 0 or x.numel() != x.shape[-1]:
         return False
     if x.device.type != "cuda" and not (ALLOW_CPU and x.device.type == "cpu"):
