@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -45,4 +45,25 @@ case $what in fused|all)  # the fused Triton kernels (issue 13): exactness on th
     python3 -m pytest -q -s -m gpu tests/test_gpu_fused.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_fused_tests.txt" | grep -E "differ|relative error|graph patched|passed|failed|Error" | tail -60
     python3 benchmarks/bench_fused.py --out "$OUT" 2>&1 | tee "$OUT/bench_fused.txt" | tail -8
     python3 benchmarks/bench_fused.py --nf4 --model-dir $model --out "$OUT/nf4" 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_fused_nf4.txt" | tail -8 ;;
+esac
+case $what in wave2)  # one lease for everything: split tests on two GPUs, then timings on GPU 0 beside the other tests on GPU 1
+    gpus=$(nvidia-smi -L | wc -l)
+    if [ "$gpus" -ge 2 ]; then
+        timeout 120 python3 -m pytest -v --tb=short -m gpu tests/test_gpu_split.py -p no:cacheprovider > "$OUT/gpu_split_tests.txt" 2>&1
+        grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$OUT/gpu_split_tests.txt" | tail -14
+        tests_gpu=1
+    else
+        tests_gpu=0
+    fi
+    (   export CUDA_VISIBLE_DEVICES=0
+        timeout 45 python3 benchmarks/bench_nf4.py --out "$OUT" --dtype float16 --no-others
+        timeout 290 python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model --history 512 8000
+    ) 2>&1 | grep -vE 'Loading weights|Writing model' > "$OUT/lane_bench.txt" &
+    (   export CUDA_VISIBLE_DEVICES=$tests_gpu
+        timeout 280 python3 -m pytest -v --tb=short -m gpu tests/test_gpu_nf4.py tests/test_gpu_fused.py tests/test_gpu.py \
+            tests/test_gpu_vision.py tests/test_gpu_families.py -p no:cacheprovider
+    ) > "$OUT/lane_tests.txt" 2>&1 &
+    wait
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -30
+    tail -40 "$OUT/lane_bench.txt" ;;
 esac
