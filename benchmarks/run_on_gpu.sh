@@ -67,3 +67,18 @@ case $what in wave2)  # one lease for everything: split tests on two GPUs, then 
     grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -30
     tail -40 "$OUT/lane_bench.txt" ;;
 esac
+case $what in wave3)  # the short second lease: split tests, then a first question's profile and a trimmed bench beside the GPU tests
+    timeout 55 python3 -m pytest -q --tb=line -m gpu tests/test_gpu_split.py -p no:cacheprovider > "$OUT/gpu_split_tests.txt" 2>&1
+    tail -4 "$OUT/gpu_split_tests.txt"
+    (   export CUDA_VISIBLE_DEVICES=0
+        timeout 60 python3 benchmarks/profile_first.py --model-dir $model
+        timeout 165 python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model --tokens 64 --history 8000
+    ) 2>&1 | grep -vE 'Loading weights|Writing model' | cut -c1-200 > "$OUT/lane_bench.txt" &
+    (   export CUDA_VISIBLE_DEVICES=1
+        timeout 215 python3 -m pytest -q --tb=short -m gpu tests/test_gpu.py tests/test_gpu_fused.py tests/test_gpu_vision.py \
+            tests/test_gpu_nf4.py tests/test_gpu_families.py -p no:cacheprovider
+    ) > "$OUT/lane_tests.txt" 2>&1 &
+    wait
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -20
+    tail -60 "$OUT/lane_bench.txt" ;;
+esac

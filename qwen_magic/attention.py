@@ -7,7 +7,13 @@ tokens) groups the query heads that share a key/value head, so the cache is read
 import threading
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+try:
+    from torch.nn.attention.bias import causal_lower_right as _lower_right
+except ImportError:  # older torch: the mask cut to the filled length
+    _lower_right = None
 
 SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
 ATTENTION = "qwen_magic_gqa"
@@ -21,8 +27,9 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     A prefill (more than SMALL_QUERY query tokens) attends to the positions written so
     far, not to the whole static cache: from position 0 that is exactly the classic
     recipe's causal attention (no mask, so SDPA takes its flash kernel, as the recipe
-    does), and after a cached prefix a mask cut to the filled length, on kernels that
-    build no per-shape plan (cuDNN's plan builds stalled the first prompt of each length).
+    does), and after a cached prefix causal attention aligned to the last key (torch's
+    lower-right causal bias: flash again, no mask, no per-shape plan; cuDNN's plan
+    builds stalled the first prompt of each length).
 
     transformers' SDPA path copies each key/value head once per query head that
     shares it (7 times for Qwen2.5-7B) over the whole cache length, on every
@@ -38,6 +45,12 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         if end == length and getattr(module, "sliding_window", None) is None:
             # The whole prompt from position 0: plain causal attention, as the recipe runs it.
             return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+        if getattr(module, "sliding_window", None) is None and not dropout and not heads % kv_heads and _lower_right is not None:
+            # After a cached prefix, or an earlier chunk: causal attention aligned to the last key, with no mask
+            # to build or read (SDPA's flash kernel where it runs; a materialized mask elsewhere).
+            key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=_lower_right(length, end), scale=scaling)
+            return output.transpose(1, 2).contiguous(), None
         if attention_mask is not None:
             attention_mask = attention_mask[..., :end]
         with _no_plan_kernels():

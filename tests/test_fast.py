@@ -93,34 +93,43 @@ def test_the_cache_grows_when_a_conversation_outgrows_it(engine, model_and_token
 
 def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monkeypatch):
     """From position 0 a prefill is the recipe's causal attention (no mask); after a cached prefix, or in a
-    later chunk, it reads the positions written so far under the mask cut to them, never the empty rest."""
+    later chunk, it reads the positions written so far, causal to the last key (no mask), never the empty rest."""
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(attention, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
     monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
     seen = []
-    original = attention.sdpa_attention_forward
+    original, lower_right = attention.sdpa_attention_forward, attention._lower_right
 
     def spy(module, query, key, value, attention_mask, **kwargs):
-        seen.append((query.shape[2], key.shape[2], attention_mask is None))
+        seen.append(("causal", query.shape[2], key.shape[2], attention_mask is None))
         return original(module, query, key, value, attention_mask, **kwargs)
 
+    def spy_lower_right(queries, keys):
+        seen.append(("lower right", queries, keys, True))
+        return lower_right(queries, keys)
+
     monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    if lower_right is not None:
+        monkeypatch.setattr(attention, "_lower_right", spy_lower_right)
     first = tokenizer("介绍广州这座城市, please, in a few words, and its food too.", add_special_tokens=False)["input_ids"]
     reply = tokenizer(" Guangzhou is a city.", add_special_tokens=False)["input_ids"]
     assert len(first) > 32  # several chunks
     got = forced_logits(engine, first, reply)
     assert relative_error(got, reference_logits(model, first, reply)) < 1e-5
     layers = model.config.num_hidden_layers
-    prefills = [entry for entry in seen if entry[0] > 4]
-    assert prefills[0] == (16, 16, True)  # the first chunk: plain causal attention over its own 16 positions
-    assert prefills[layers] == (16, 32, False)  # the second: the filled 16 and its own, under the cut mask
+    prefills = [entry for entry in seen if entry[1] > 4]
+    assert prefills[0] == ("causal", 16, 16, True)  # the first chunk: plain causal attention over its own 16 positions
+    if lower_right is not None:
+        assert prefills[layers] == ("lower right", 16, 32, True)  # the second: the filled 16 and its own
+    else:
+        assert prefills[layers] == ("causal", 16, 32, False)  # under the mask cut to them
     assert engine.capacity > len(first) + len(reply)  # the cache itself is longer than anything read
     seen.clear()
     longer = first + reply + tokenizer(" 它有什么好吃的美食吗? Tell me more, more, and more about it.", add_special_tokens=False)["input_ids"]
     got = forced_logits(engine, longer, reply)
     assert 0 < engine.reused < len(longer)
     assert relative_error(got, reference_logits(model, longer, reply)) < 1e-5
-    assert all(key == engine.reused + query and not unmasked for query, key, unmasked in seen[:layers])
+    assert all(keys == engine.reused + queries for _, queries, keys, _ in seen[:layers])
 
 
 def test_greedy_replies_equal_the_classic_recipe(engine, classic):

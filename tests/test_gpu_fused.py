@@ -210,7 +210,7 @@ def test_patched_nf4_model_in_a_cuda_graph(fused, tmp_path, dtype):
         restore = fused.patch(model)
         try:
             assert restore.counts["norm"] and restore.counts["mlp"] and restore.counts["rope"]
-            engine = FastEngine(model, tokenizer, context_length=256, use_graph=True)
+            engine = FastEngine(model, tokenizer, context_length=256, use_graph=True, kernels=False)  # the fused patch alone
             try:
                 got = forced_logits(engine, prompt, continuation).float()
             finally:

@@ -87,7 +87,7 @@ def test_the_split_model_runs_on_graphs_per_device_and_says_so(nf4):
 def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
     model, tokenizer = nf4.model, nf4.tokenizer
     graphed = nf4.engine
-    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False)  # accelerate moves tensors itself
+    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True)  # accelerate moves tensors itself; the same kernels
     assert eager.split is None
     reply_one = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
     reply_two = tokenizer("早茶和虾饺。<|im_end|>", add_special_tokens=False)["input_ids"]
@@ -146,7 +146,7 @@ def test_a_growing_cache_is_captured_again_across_both_cards(nf4, monkeypatch):
     model, tokenizer = nf4.model, nf4.tokenizer
     monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
     graphed = FastEngine(model, tokenizer, context_length=4096)
-    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False)
+    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True)
     try:
         assert graphed.split is not None and graphed.use_graph
         short = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]

@@ -117,9 +117,10 @@ def picture_reference_logits(model, inputs, positions, reply, incremental=False)
     device = model.device
     prompt = inputs["input_ids"].shape[1]
     delta = int(positions[:, -1].max()) + 1 - prompt
-    tail = (torch.arange(prompt, prompt + len(reply)) + delta).expand(3, -1)
-    every = torch.cat([positions, tail], dim=1)[:, None].to(device)
-    ids = torch.cat([inputs["input_ids"], torch.tensor([reply])], dim=1).to(device)
+    positions = positions.to(device)
+    tail = (torch.arange(prompt, prompt + len(reply), device=device) + delta).expand(3, -1)
+    every = torch.cat([positions, tail], dim=1)[:, None]
+    ids = torch.cat([inputs["input_ids"].to(device), torch.tensor([reply], device=device)], dim=1)
     pictures = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
     with torch.inference_mode():
         if not incremental:

@@ -304,6 +304,12 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
     return y.reshape(*x.shape[:-1], product.n)
 
 
+# Layers with more output rows keep bitsandbytes' batch-1 kernel under patch(): on an H200 (benchmarks/RESULTS.md)
+# this kernel was faster only on the narrow key/value projections (5.8 vs 7.0 us at 512 x 3584) and 2-45 % slower on
+# the wide ones. None: every supported layer takes it.
+PATCH_MAX_ROWS: Optional[int] = 1024
+
+
 def _use_kernel(module, x) -> bool:
     import torch
 
@@ -326,6 +332,8 @@ def _use_kernel(module, x) -> bool:
     compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return False
+    if PATCH_MAX_ROWS is not None and quant_state.shape[0] > PATCH_MAX_ROWS:
+        return False  # bitsandbytes' own kernel measured as fast or faster on the wide layers
     return supports(weight, quant_state, x.shape[-1]) is None
 
 
