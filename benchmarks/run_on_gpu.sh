@@ -82,3 +82,18 @@ case $what in wave3)  # the short second lease: split tests, then a first questi
     grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -20
     tail -60 "$OUT/lane_bench.txt" ;;
 esac
+case $what in probe)  # split tests on both cards; then a first question's profile and the peak memory beside the GPU tests
+    timeout 45 python3 -m pytest -q --tb=line -m gpu tests/test_gpu_split.py -p no:cacheprovider > "$OUT/gpu_split_tests.txt" 2>&1
+    tail -4 "$OUT/gpu_split_tests.txt"
+    (   export CUDA_VISIBLE_DEVICES=0
+        timeout 70 python3 benchmarks/profile_first.py --model-dir $model
+        timeout 40 python3 benchmarks/bench_decode.py --peak ours --model-dir $model --tokens 256 --history 8000 | tail -1
+    ) 2>&1 | grep -vE 'Loading weights|Writing model' | cut -c1-180 > "$OUT/lane_probe.txt" &
+    (   export CUDA_VISIBLE_DEVICES=1
+        timeout 115 python3 -m pytest -q --tb=short -m gpu tests/test_gpu.py tests/test_gpu_vision.py tests/test_gpu_fused.py \
+            tests/test_gpu_families.py -p no:cacheprovider
+    ) > "$OUT/lane_tests.txt" 2>&1 &
+    wait
+    grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -20
+    cat "$OUT/lane_probe.txt" ;;
+esac
