@@ -56,7 +56,8 @@ def figure_png(width=1024, height=768):
 def test_an_nf4_vision_model_sees_images_with_the_fast_engine_for_text(nf4):
     assert nf4.sees_images and nf4.precision.startswith("4-bit NF4")
     assert nf4.engine.text_engine is not None and nf4.engine.text_engine.use_graph
-    assert "generate" not in nf4.summary()  # pictures too take the fast engine
+    # Windows with pictures take generate on a GPU (the fast engine's picture turns failed their GPU check), said once.
+    assert not nf4.engine.pictures_on_fast and "turns with pictures: transformers generate on a GPU" in nf4.summary()
 
 
 def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
@@ -134,6 +135,8 @@ def picture_reference_logits(model, inputs, positions, reply, incremental=False)
     return torch.cat(rows)
 
 
+@pytest.mark.xfail(strict=False, reason="failed on an H200 with transformers 5.17 in 5 of 6 dtype x family cases (graph vs a plain "
+                   "forward at generate's 3-D positions beyond the bound): picture turns take generate on GPUs until it passes")
 def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
     png = figure_png()
     tokenizer = nf4.processor.tokenizer
@@ -165,6 +168,7 @@ def test_a_picture_then_text_turns_reuse_the_pictures_cache(nf4):
     png = figure_png(640, 480)
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
     engine = nf4.engine
+    engine.pictures_on_fast = True  # the mechanism itself (off by default on a GPU: see vision.py)
     history = [{"role": "user", "content": "plot?", "images": [png]}]
     first = generate_reply(engine, history, settings)
     picture_end = engine.layout.spans[0][1]

@@ -158,6 +158,27 @@ def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(fast_chat,
     assert reply.cached_tokens >= len(engine.layout.ids) - 1  # the same picture again: all of it from the cache
 
 
+def test_where_pictures_are_kept_off_the_fast_engine_they_take_generate(fast_chat, vl_recipe):
+    """As on a GPU (vision.py): a window with a picture goes to generate, untouched by the fast engine's cache;
+    a text window after it still takes the fast engine."""
+    from qwen_magic.engine import generate_reply
+    from qwen_magic.settings import GenerationSettings
+
+    engine = fast_chat.loaded.engine
+    engine.pictures_on_fast = False
+    settings = GenerationSettings(do_sample=False, max_new_tokens=8)
+    png = normalize(picture(150, 100, 5))
+    text_turn = [{"role": "user", "content": "Hello"}]
+    generate_reply(engine, text_turn, settings)
+    cached = list(engine.text_engine.cached_ids)
+    messages = [{"role": "user", "content": "What is it?", "images": [png]}]
+    reply = generate_reply(engine, messages, settings)
+    assert reply.text == vl_recipe.reply([user("What is it?", 1)], [as_pil(png)], 8)
+    assert reply.cached_tokens == 0 and engine.text_engine.cached_ids == cached  # generate: the cache untouched
+    again = generate_reply(engine, text_turn, settings)
+    assert again.cached_tokens > 0  # the text window: the fast engine, its cache kept
+
+
 def test_continue_on_the_fast_engine_keeps_the_picture(ip, fast_chat, vl_recipe, tmp_path):
     path = tmp_path / "plot.png"
     path.write_bytes(picture(100, 80))
