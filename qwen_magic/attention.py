@@ -43,8 +43,11 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
         key, value = key[:, :, :end], value[:, :, :end]
         if end == length and getattr(module, "sliding_window", None) is None:
-            # The whole prompt from position 0: plain causal attention, as the recipe runs it.
-            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+            # The whole prompt from position 0: plain causal attention, as the recipe runs it. Not on cuDNN's kernel:
+            # its plans are cached per thread, and every reply is written by a new thread, so each first question
+            # paid a plan build (about 80 ms at 100 tokens on an H200; benchmarks/RESULTS.md).
+            with _no_plan_kernels():
+                return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
         if getattr(module, "sliding_window", None) is None and not dropout and not heads % kv_heads and _lower_right is not None:
             # After a cached prefix, or an earlier chunk: causal attention aligned to the last key, with no mask
             # to build or read (SDPA's flash kernel where it runs; a materialized mask elsewhere).
