@@ -4,6 +4,7 @@ segments on one CPU stand in for two GPUs)."""
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_magic import loader, split
@@ -147,7 +148,7 @@ def test_capture_mode_records_copies_instead_of_doing_them(model_and_tokenizer, 
     assert all(not m._forward_pre_hooks for m in model.modules())
 
 
-def test_a_split_model_takes_the_fast_engine_but_a_hybrid_one_stays_on_generate(model_and_tokenizer, tmp_path, monkeypatch):
+def test_a_split_model_takes_the_fast_engine(model_and_tokenizer, tmp_path, monkeypatch):
     from qwen_magic.tiny import write_tiny_model
 
     model, tokenizer = model_and_tokenizer
@@ -160,6 +161,12 @@ def test_a_split_model_takes_the_fast_engine_but_a_hybrid_one_stays_on_generate(
     finally:
         chosen.close()
 
+
+@pytest.mark.skipif(not hasattr(transformers, "Qwen3_5TextConfig"), reason="transformers 4.x has no Qwen3.5")
+def test_a_split_hybrid_model_stays_on_generate(tmp_path, monkeypatch):
+    from qwen_magic.tiny import write_tiny_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice, not the run: the model stays on the CPU
     hybrid_dir = write_tiny_model(tmp_path / "hybrid", family="qwen3_5_text")
     hybrid = AutoModelForCausalLM.from_pretrained(hybrid_dir)
     hybrid.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1}
