@@ -190,7 +190,8 @@ def test_the_quickstart_runs_in_jupyterlab(browser, lab):
     wait_idle(page, all_ran=True)
     cells = code_cells(page)
     chats = [cells.nth(i) for i in range(cells.count()) if source(cells.nth(i)).startswith("%%qwen")]
-    assert len(chats) == 4
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    assert len(chats) == sum(c.cell_type == "code" and c.source.startswith("%%qwen") for c in notebook.cells) >= 4
     for cell in chats:
         cell.scroll_into_view_if_needed()
         assert outputs(cell).count() == 1  # one output area, updated in place
