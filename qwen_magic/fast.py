@@ -13,6 +13,10 @@ On a CPU (tests) the same loop runs without the graph.
 
 A model split over several GPUs (a device map) decodes as one graph per device
 segment, replayed in order (split.py).
+
+Graphed decode steps run through the Triton kernels of qwen_magic.kernels where they
+load (fused norms, rotary embedding and SiLU·mul; a 4-bit matrix-vector product for
+narrow layers); the prefill stays the recipe's own.
 """
 
 import inspect
@@ -27,10 +31,10 @@ from transformers import StaticCache
 from .attention import ATTENTION, _filled, grouped_attention, register_attention  # noqa: F401 (grouped_attention: tests)
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
+from .kernels import decoding, load_kernels, release
 from .prompt import encode, prepare, render
 from .sampler import Sampler
 from .settings import GenerationSettings
-from .kernels import decoding, load_kernels, release
 from .split import capture_split, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
