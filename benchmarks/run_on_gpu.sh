@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|wave3|probe|alts|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -96,4 +96,12 @@ case $what in probe)  # split tests on both cards; then a first question's profi
     wait
     grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -20
     cat "$OUT/lane_probe.txt" ;;
+esac
+case $what in alts|all)  # the 4-bit products against maintained libraries (issue 13): wheels carried in .whl/alt
+    if ls .whl/alt/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-deps --no-index --target /tmp/alt-site .whl/alt/*.whl 2>&1 | tail -2
+        PYTHONPATH=$PWD:/tmp/alt-site python3 benchmarks/bench_nf4.py --out "$OUT" --dtype float16 2>&1 | tee "$OUT/bench_nf4_alts.txt" | tail -14
+    else
+        echo "no .whl/alt wheels (gemlite, hqq, torchao): see benchmarks/RESULTS.md"
+    fi ;;
 esac
