@@ -37,6 +37,10 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     cache once. The arithmetic is transformers' eager attention (scores in the
     model's dtype, softmax in float32). Longer queries (prefill) take SDPA as usual.
     """
+    if is_causal is False or not getattr(module, "is_causal", True):
+        # Not the text model's causal attention over the cache (a vision tower's attention over a picture's
+        # patches, which a prefill with pictures runs too): SDPA exactly as the recipe calls it.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     end = getattr(_filled, "end", None)

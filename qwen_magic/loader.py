@@ -271,19 +271,14 @@ def _processor(name: str, source: str, config, common: dict):
     return processor
 
 
-PICTURES_NOTE = " (turns with pictures: transformers generate on a GPU)"
-
-
 def _vision_engine(model, processor, chosen, note: str):
-    """A vision-language model's engine: text windows on the fast engine where it was picked; windows with
-    pictures there too without a CUDA graph (pixel values and 3-D positions in its prefill), else ``generate``
-    with the processor's inputs (vision.py says why)."""
+    """A vision-language model's engine: the fast engine where it was picked, for windows with pictures too
+    (pixel values and 3-D positions in its prefill), else ``generate`` with the processor's inputs."""
     from .fast import FastEngine
     from .vision import VisionEngine
 
     if isinstance(chosen, FastEngine):
-        engine = VisionEngine(model, processor, text_engine=chosen)
-        return engine, note + ("" if engine.pictures_on_fast else PICTURES_NOTE)
+        return VisionEngine(model, processor, text_engine=chosen), note
     chosen.close()
     return VisionEngine(model, processor), note
 

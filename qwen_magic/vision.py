@@ -154,10 +154,9 @@ class VisionEngine:
         self.tokenizer = processor.tokenizer
         self.end_ids = end_token_ids(model, self.tokenizer)
         self.text_engine = text_engine
-        # Windows with pictures on the fast engine: checked exact on the CPU (greedy replies equal the recipe's);
-        # on a GPU its teacher-forced check against a plain forward failed (H200, transformers 5.17), so there
-        # they take generate, as the classic recipe, until that check passes. Text windows take the fast engine.
-        self.pictures_on_fast = text_engine is not None and not text_engine.use_graph
+        # Windows with pictures take the fast engine too (prefill with the processor's inputs and 3-D positions,
+        # graphed decode at text position + rope_deltas); tests may turn it off to reach generate.
+        self.pictures_on_fast = text_engine is not None
         self.name = text_engine.name if text_engine is not None else "transformers generate"
         self.image_token = getattr(model.config, "image_token_id", None)
         self.layout: Optional[Layout] = None  # what the fast engine's cache holds (its prompt part)

@@ -14,11 +14,12 @@ Image = pytest.importorskip("PIL.Image")
 
 from qwen_magic import loader  # noqa: E402
 from qwen_magic.engine import generate_reply  # noqa: E402
-from qwen_magic.images import digest, normalize  # noqa: E402
+from qwen_magic.images import normalize  # noqa: E402
 from qwen_magic.settings import GenerationSettings  # noqa: E402
 from qwen_magic.tiny import available_vl_families, write_tiny_vl_model  # noqa: E402
 from test_fast import forced_logits, reference_logits, relative_error  # noqa: E402
 from test_gpu import incremental_logits  # noqa: E402
+from vision_helpers import picture_forced_logits, picture_reference_logits  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,8 +57,7 @@ def figure_png(width=1024, height=768):
 def test_an_nf4_vision_model_sees_images_with_the_fast_engine_for_text(nf4):
     assert nf4.sees_images and nf4.precision.startswith("4-bit NF4")
     assert nf4.engine.text_engine is not None and nf4.engine.text_engine.use_graph
-    # Windows with pictures take generate on a GPU (the fast engine's picture turns failed their GPU check), said once.
-    assert not nf4.engine.pictures_on_fast and "turns with pictures: transformers generate on a GPU" in nf4.summary()
+    assert nf4.engine.pictures_on_fast and "generate" not in nf4.summary()  # pictures take the fast engine too
 
 
 def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
@@ -86,57 +86,6 @@ def test_a_turn_with_a_figure_equals_the_recipe_on_the_same_model(nf4):
     assert reply.prompt_tokens == nf4.engine.prompt.count([{"role": "user", "content": "What does this plot show?", "images": [png]}])
 
 
-def picture_forced_logits(vision, messages, pngs, reply):
-    """The fast engine's logits after a prompt with pictures and after each forced reply token (graph decode)."""
-    from qwen_magic.vision import Layout, image_spans
-
-    fast = vision.text_engine
-    inputs, _ = vision.prompt.inputs(messages)
-    ids = inputs["input_ids"][0].tolist()
-    positions, delta = vision._rotary(inputs.to(fast.device))
-    layout = Layout(ids, positions, delta, image_spans(ids, vision.image_token, [digest(p) for p in pngs]))
-    with fast.lock, torch.inference_mode():
-        fast.cached_ids, vision.layout = [], None
-        if fast.states is not None:
-            fast.states.clear()
-            fast.states.reset()
-        fast.rope_delta.fill_(delta)
-        fast.chunk_inputs = vision._chunks(layout, inputs)
-        try:
-            rows = [fast.prefill(ids, reserve=len(reply) + 1)]
-        finally:
-            fast.chunk_inputs = None
-        for offset, token in enumerate(reply):
-            rows.append(fast.step(torch.tensor([[token]], device=fast.device), len(ids) + offset).clone())
-        fast.cached_ids = []
-    return torch.cat(rows), inputs, positions
-
-
-def picture_reference_logits(model, inputs, positions, reply, incremental=False):
-    """A plain forward over prompt and reply (or the recipe's dynamic cache, one token at a time), at the
-    3-D positions generate computes: the prompt's, then text position + rope_deltas."""
-    device = model.device
-    prompt = inputs["input_ids"].shape[1]
-    delta = int(positions[:, -1].max()) + 1 - prompt
-    positions = positions.to(device)
-    tail = (torch.arange(prompt, prompt + len(reply), device=device) + delta).expand(3, -1)
-    every = torch.cat([positions, tail], dim=1)[:, None]
-    ids = torch.cat([inputs["input_ids"].to(device), torch.tensor([reply], device=device)], dim=1)
-    pictures = {"pixel_values": inputs["pixel_values"].to(device), "image_grid_thw": inputs["image_grid_thw"].to(device)}
-    with torch.inference_mode():
-        if not incremental:
-            return model(input_ids=ids, position_ids=every, **pictures).logits[0, prompt - 1:]
-        out = model(input_ids=ids[:, :prompt], position_ids=every[:, :, :prompt], use_cache=True, **pictures)
-        rows = [out.logits[:, -1]]
-        for i in range(len(reply)):
-            out = model(input_ids=ids[:, prompt + i:prompt + i + 1], position_ids=every[:, :, prompt + i:prompt + i + 1],
-                        past_key_values=out.past_key_values, use_cache=True)
-            rows.append(out.logits[:, -1])
-    return torch.cat(rows)
-
-
-@pytest.mark.xfail(strict=False, reason="failed on an H200 with transformers 5.17 in 5 of 6 dtype x family cases (graph vs a plain "
-                   "forward at generate's 3-D positions beyond the bound): picture turns take generate on GPUs until it passes")
 def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
     png = figure_png()
     tokenizer = nf4.processor.tokenizer
@@ -147,6 +96,25 @@ def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
     reference = picture_reference_logits(nf4.model, inputs, positions, reply).float()
     classic = relative_error(picture_reference_logits(nf4.model, inputs, positions, reply, incremental=True).float(), reference)
     assert relative_error(graph.float(), reference) <= 1.5 * max(classic, 1e-3)
+
+
+def test_a_turn_with_a_figure_on_the_fast_engine_gives_the_recipes_greedy_reply(nf4):
+    png = figure_png()
+    processor, model = nf4.processor, nf4.model
+    recipe_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does this plot show?"}]}]
+    text = processor.apply_chat_template(recipe_messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[Image.open(io.BytesIO(png)).convert("RGB")], return_tensors="pt").to(model.device)
+    model.set_attn_implementation("sdpa")  # the recipe's own attention
+    try:
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    finally:
+        model.set_attn_implementation("qwen_magic_gqa")
+    expected = processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
+    reply = generate_reply(nf4.engine, [{"role": "user", "content": "What does this plot show?", "images": [png]}],
+                           GenerationSettings(do_sample=False, max_new_tokens=16))
+    assert reply.text == expected
+    assert nf4.engine.layout.ids == inputs.input_ids[0].tolist()  # it ran on the fast engine
 
 
 def test_turns_without_pictures_take_the_graph_and_match_a_plain_forward(nf4):
@@ -168,7 +136,6 @@ def test_a_picture_then_text_turns_reuse_the_pictures_cache(nf4):
     png = figure_png(640, 480)
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
     engine = nf4.engine
-    engine.pictures_on_fast = True  # the mechanism itself (off by default on a GPU: see vision.py)
     history = [{"role": "user", "content": "plot?", "images": [png]}]
     first = generate_reply(engine, history, settings)
     picture_end = engine.layout.spans[0][1]

@@ -158,9 +158,33 @@ def test_another_picture_of_the_same_size_is_not_taken_from_the_cache(fast_chat,
     assert reply.cached_tokens >= len(engine.layout.ids) - 1  # the same picture again: all of it from the cache
 
 
+@pytest.mark.parametrize("chunk", [2048, 64])
+def test_a_picture_turn_on_the_fast_engine_equals_a_plain_forward_by_teacher_forcing(vl_model_dir, monkeypatch, chunk):
+    """Logits, not only greedy replies: the prefill with a picture of a few hundred patches (the vision tower's
+    attention is not the text model's causal attention over the cache) and forced decode steps, against a plain
+    forward of the same model at the 3-D positions generate uses, in float32."""
+    import qwen_magic.fast
+    from qwen_magic import loader
+    from test_fast import relative_error
+    from vision_helpers import picture_forced_logits, picture_reference_logits
+
+    monkeypatch.setattr(qwen_magic.fast, "PREFILL_CHUNK", chunk)
+    loaded = loader.load(vl_model_dir, bits=16, dtype="float32", engine="fast", notify=lambda _: None)
+    try:
+        png = normalize(picture(320, 240, 6))
+        reply = loaded.processor.tokenizer("The plot shows a wave.<|im_end|>", add_special_tokens=False)["input_ids"]
+        messages = [{"role": "user", "content": "What does this plot show?", "images": [png]}]
+        fast, inputs, positions = picture_forced_logits(loaded.engine, messages, [png], reply)
+        assert int(inputs["image_grid_thw"].prod()) > 64  # more patches than a decode-sized query
+        reference = picture_reference_logits(loaded.model, inputs, positions, reply)
+        assert relative_error(fast, reference) < 1e-4  # the recipe's own incremental path: about 1e-5
+    finally:
+        loader.free(loaded)
+
+
 def test_where_pictures_are_kept_off_the_fast_engine_they_take_generate(fast_chat, vl_recipe):
-    """As on a GPU (vision.py): a window with a picture goes to generate, untouched by the fast engine's cache;
-    a text window after it still takes the fast engine."""
+    """With pictures turned off the fast engine (vision.py's switch): a window with a picture goes to generate,
+    untouched by the fast engine's cache; a text window after it still takes the fast engine."""
     from qwen_magic.engine import generate_reply
     from qwen_magic.settings import GenerationSettings
 
