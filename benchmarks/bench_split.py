@@ -196,9 +196,11 @@ def main():
     measure_loaded(loaded.model, loaded.tokenizer, args, r, "7b_split")
     loader.free(loaded)
     loaded = None
+    keys = ["7b_one_card", "7b_split"]
+    r["wall_s"] = time.perf_counter() - began
+    report(r, args, keys)  # written now too, in case the 32B part does not finish
 
     # --- 32B shape split half and half
-    keys = ["7b_one_card", "7b_split"]
     if not args.no_32b:
         seconds, (model, tokenizer) = sync_time(lambda: build_quantized_32b(dtype))
         r["build_s_32b_split"] = seconds

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|wave3|probe|alts|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|wave3|wave4|probe|alts|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -35,8 +35,8 @@ case $what in free|all)
     python3 benchmarks/free_check.py --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tail -24 ;;
 esac
 case $what in split)  # two GPUs (issue 16): the split tests, then the 7B split by balanced and a 32B shape (--no-32b to skip)
-    python3 -m pytest -q -m gpu tests/test_gpu_split.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_split_tests.txt" | tail -25
-    python3 benchmarks/bench_split.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_split.txt" | tail -16 ;;
+    timeout 90 python3 -m pytest -q -m gpu tests/test_gpu_split.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_split_tests.txt" | tail -25
+    timeout ${SPLIT_LIMIT:-480} python3 benchmarks/bench_split.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_split.txt" | tail -16 ;;
 esac
 case $what in load|all)
     python3 benchmarks/bench_load.py --out "$OUT" --model-dir $model --copy-dir /tmp/qwen7b-shape-nf4 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/load.txt" | tail -12 ;;
@@ -96,6 +96,16 @@ case $what in probe)  # split tests on both cards; then a first question's profi
     wait
     grep -E "FAILED|ERROR|passed|failed" "$OUT/lane_tests.txt" | tail -20
     cat "$OUT/lane_probe.txt" ;;
+esac
+case $what in wave4)  # two GPUs: split tests; the vision tests on card 1 while the 7B shape is built; then bench_split
+    timeout 90 python3 -m pytest -q --tb=short -m gpu tests/test_gpu_split.py -p no:cacheprovider > "$OUT/gpu_split_tests.txt" 2>&1
+    tail -4 "$OUT/gpu_split_tests.txt"
+    ( CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -v --tb=short -m gpu tests/test_gpu_vision.py -p no:cacheprovider \
+        > "$OUT/gpu_vision_tests.txt" 2>&1 ) &
+    [ -e $model/config.json ] || python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_decode import build_model; build_model('$model')" 2>&1 | grep -vE 'Writing model' | tail -3
+    wait
+    grep -E "PASSED|FAILED|ERROR|passed|failed|^E " "$OUT/gpu_vision_tests.txt" | cut -c1-220 | tail -40
+    timeout ${SPLIT_LIMIT:-400} python3 benchmarks/bench_split.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench_split.txt" | tail -16 ;;
 esac
 case $what in alts|all)  # the 4-bit products against maintained libraries (issue 13): wheels carried in .whl/alt
     if ls .whl/alt/*.whl >/dev/null 2>&1; then
