@@ -184,9 +184,10 @@ def main():
         print(f"built and saved the 7B-shaped model in {seconds:.0f} s", flush=True)
 
     # --- 7B on one card: the fast engine's own speed, and the recipe's
-    loaded = loader.load(path, bits=4, dtype=args.dtype, device_map="cuda:0", engine="fast", notify=quiet)
+    # (loaded as for the recipe; the fast engine is made on the same model after the recipe's runs, as for the split)
+    loaded = loader.load(path, bits=4, dtype=args.dtype, device_map="cuda:0", engine="generate", notify=quiet)
     r["load_s_7b_one_card"] = loaded.seconds
-    measure_loaded(loaded.model, loaded.tokenizer, args, r, "7b_one_card", engine=loaded.engine)
+    measure_loaded(loaded.model, loaded.tokenizer, args, r, "7b_one_card")
     loader.free(loaded)
     loaded = None
 

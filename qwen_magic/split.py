@@ -346,4 +346,6 @@ def capture_split(self) -> None:
     self.write_position = None
     if not error < VERIFY_TOLERANCE:
         self.graph = self.static_logits = None
-        raise RuntimeError(f"the decode graphs of the split model do not reproduce an eager step (relative error {error:.1e})")
+        bad = lambda t: int((~torch.isfinite(t)).sum())  # noqa: E731
+        raise RuntimeError(f"the decode graphs of the split model do not reproduce an eager step (relative error {error:.1e}; "
+                           f"{bad(got)} of {got.numel()} logits not finite in the graphs, {bad(expected)} in the eager step)")

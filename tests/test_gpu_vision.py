@@ -38,7 +38,7 @@ def vl_dir(request, tmp_path_factory):
     return str(write_tiny_vl_model(tmp_path_factory.mktemp(request.param), family=request.param, **shape))
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+@pytest.fixture(scope="module", params=["bfloat16", "float16", "float32"])
 def nf4(request, vl_dir):
     loaded = loader.load(vl_dir, bits=4, dtype=request.param, engine="auto", notify=lambda _: None)
     yield loaded
@@ -99,6 +99,8 @@ def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
 
 
 def test_a_turn_with_a_figure_on_the_fast_engine_gives_the_recipes_greedy_reply(nf4):
+    """Greedy tokens equal generate's in float32. In half precision two correct paths may round apart, so
+    there the fast engine's logits, teacher-forced on generate's reply, stay within the half-precision bound."""
     png = figure_png()
     processor, model = nf4.processor, nf4.model
     recipe_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does this plot show?"}]}]
@@ -110,11 +112,16 @@ def test_a_turn_with_a_figure_on_the_fast_engine_gives_the_recipes_greedy_reply(
             output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     finally:
         model.set_attn_implementation("qwen_magic_gqa")
-    expected = processor.batch_decode(output[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)[0]
-    reply = generate_reply(nf4.engine, [{"role": "user", "content": "What does this plot show?", "images": [png]}],
-                           GenerationSettings(do_sample=False, max_new_tokens=16))
-    assert reply.text == expected
-    assert nf4.engine.layout.ids == inputs.input_ids[0].tolist()  # it ran on the fast engine
+    expected = output[0, inputs.input_ids.shape[1]:].tolist()
+    messages = [{"role": "user", "content": "What does this plot show?", "images": [png]}]
+    if model.dtype == torch.float32:
+        reply = generate_reply(nf4.engine, messages, GenerationSettings(do_sample=False, max_new_tokens=16))
+        assert reply.text == processor.decode(expected, skip_special_tokens=True)
+        assert nf4.engine.layout.ids == inputs.input_ids[0].tolist()  # it ran on the fast engine
+    else:
+        forced, inputs, positions = picture_forced_logits(nf4.engine, messages, [png], expected[:-1])
+        reference = picture_reference_logits(model, inputs, positions, expected[:-1])
+        assert relative_error(forced.float(), reference.float()) < 2e-2
 
 
 def test_turns_without_pictures_take_the_graph_and_match_a_plain_forward(nf4):
