@@ -45,7 +45,7 @@ NEW_MESSAGE = {"role": "user", "content": "它有什么好吃的美食吗?"}
 quiet = lambda _: None
 
 
-def build_quantized_32b(dtype, fields=QWEN25_32B, devices=("cuda:0", "cuda:1")):
+def build_quantized_32b(dtype, fields=QWEN25_32B, devices=("cuda:0", "cuda:1"), rotary=1):
     """A Qwen2.5-32B-shaped model with random weights in NF4, layers 0-31 on cuda:0, 32-63 and the head on cuda:1."""
     import bitsandbytes as bnb
     import transformers
@@ -61,7 +61,7 @@ def build_quantized_32b(dtype, fields=QWEN25_32B, devices=("cuda:0", "cuda:1")):
     half = config.num_hidden_layers // 2  # the embedding (cuda:0) and the head (cuda:1) weigh the same
     first, second = map(torch.device, devices)
     device_map = {"model.embed_tokens": first, **{f"model.layers.{i}": first if i < half else second for i in range(config.num_hidden_layers)},
-                  "model.norm": second, "model.rotary_emb": second, "lm_head": second}
+                  "model.norm": second, "model.rotary_emb": (first, second)[rotary], "lm_head": second}
     for index, layer in enumerate(model.model.layers):
         device = device_map[f"model.layers.{index}"]
         for parent in list(layer.modules()):
