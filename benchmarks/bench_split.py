@@ -104,11 +104,15 @@ def per_card(measure) -> list:
 def recipe_side(model, tokenizer, args, r, key):
     """The classic recipe on the model as loaded: generate, greedy, forced length; a full prefill of the history."""
     question = prompt_ids(tokenizer, [{"role": "user", "content": QUESTION}])
-    classic_generate(model, question, 4, do_sample=False)  # warm-up
     n = args.recipe_tokens
-    first, _ = sync_time(lambda: classic_generate(model, question, 1, do_sample=False))
-    whole, _ = sync_time(lambda: classic_generate(model, question, n, do_sample=False))
-    r[f"decode_tps_recipe_{key}"] = (n - 1) / (whole - first)
+    classic_generate(model, question, n, do_sample=False)  # warm-up (the GPU's clocks too)
+    rates = []
+    for _ in range(3):
+        first, _ = sync_time(lambda: classic_generate(model, question, 1, do_sample=False))
+        whole, _ = sync_time(lambda: classic_generate(model, question, n, do_sample=False))
+        rates.append((n - 1) / (whole - first))
+    r[f"decode_tps_recipe_{key}"] = statistics.median(rates)
+    r[f"decode_tps_recipe_runs_{key}"] = rates
     history = history_of(tokenizer, args.history)
     ids = prompt_ids(tokenizer, history + [NEW_MESSAGE])
     r[f"history_tokens_{key}"] = len(ids)
