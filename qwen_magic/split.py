@@ -30,6 +30,7 @@ import torch
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)$")
 HEAD = re.compile(r"(?:^|\.)lm_head$")
+ROTARY = re.compile(r"(?:^|\.)rotary_emb$")
 VERIFY_TOLERANCE = 1e-3  # a replay must match an eager step at least this well, or the engine falls back
 
 
@@ -304,12 +305,43 @@ class SplitDecoder:
         return SplitGraph(segments, logits, home)
 
 
+def colocate_rotary(model, mapping: Dict[str, str]) -> Dict[str, str]:
+    """The map with the rotary embedding on the first layer's device, and the module moved there.
+
+    accelerate leaves the rotary embedding (no weights, a table of frequencies) on the last card,
+    while the layers it feeds start on the first: a decode step then crosses between the cards
+    four times instead of twice. Computed on the first layer's card, its cos/sin tables are the
+    same numbers (the same float32 arithmetic) and need no copy; the model's own hooks and
+    ``hf_device_map`` are told, so ``generate`` on the same model runs it there too.
+    """
+    first = next((value for name, value in mapping.items() if (found := LAYER.search(name)) and found.group(1) == "0"), None)
+    moved = dict(mapping)
+    for name, value in mapping.items():
+        if first is None or not ROTARY.search(name) or value == first:
+            continue
+        module = model.get_submodule(name)
+        if next(module.parameters(), None) is not None:
+            continue
+        device = device_of(first)
+        module.to(device)
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "execution_device", None) is not None:
+                h.execution_device = device
+        device_map = getattr(model, "hf_device_map", None)
+        if isinstance(device_map, dict) and name in device_map:
+            device_map[name] = device.index if isinstance(device_map[name], int) and device.type == "cuda" else first
+        moved[name] = first
+    return moved
+
+
 def decoder_for(model, mapping: Optional[Dict[str, str]] = None) -> Optional[SplitDecoder]:
     """The segment hooks for a model split over several CUDA devices (or for the map given); None otherwise."""
     if mapping is None:
         mapping = placement(model)
         if not is_split(mapping):
             return None
+        mapping = colocate_rotary(model, mapping)
     return SplitDecoder(model, mapping)
 
 

@@ -100,7 +100,8 @@ def test_a_turn_with_a_figure_on_the_fast_engine_matches_a_plain_forward(nf4):
 
 def test_a_turn_with_a_figure_on_the_fast_engine_gives_the_recipes_greedy_reply(nf4):
     """Greedy tokens equal generate's in float32. In half precision two correct paths may round apart, so
-    there the fast engine's logits, teacher-forced on generate's reply, stay within the half-precision bound."""
+    there the fast engine's logits, teacher-forced on generate's reply, differ from a plain forward no more
+    than the recipe's own incremental path does."""
     png = figure_png()
     processor, model = nf4.processor, nf4.model
     recipe_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does this plot show?"}]}]
@@ -120,8 +121,9 @@ def test_a_turn_with_a_figure_on_the_fast_engine_gives_the_recipes_greedy_reply(
         assert nf4.engine.layout.ids == inputs.input_ids[0].tolist()  # it ran on the fast engine
     else:
         forced, inputs, positions = picture_forced_logits(nf4.engine, messages, [png], expected[:-1])
-        reference = picture_reference_logits(model, inputs, positions, expected[:-1])
-        assert relative_error(forced.float(), reference.float()) < 2e-2
+        reference = picture_reference_logits(model, inputs, positions, expected[:-1]).float()
+        classic = relative_error(picture_reference_logits(model, inputs, positions, expected[:-1], incremental=True).float(), reference)
+        assert relative_error(forced.float(), reference) <= 1.5 * max(classic, 1e-3)  # as far as the recipe's own paths differ
 
 
 def test_turns_without_pictures_take_the_graph_and_match_a_plain_forward(nf4):

@@ -2,6 +2,8 @@
 summary's wording, the engine choice, and the segment hooks cutting eager decode steps (two
 segments on one CPU stand in for two GPUs)."""
 
+import contextlib
+
 import pytest
 import torch
 import transformers
@@ -107,6 +109,46 @@ def test_segment_hooks_cut_each_step_and_copy_what_crosses(segmented, model_and_
     assert seen[0][0][2] == 0  # the first segment starts from the step's own inputs
     assert all(transfers > 0 and calls > 0 for _, _, transfers, calls in seen[0][1:])
     assert segmented.split.mode is None and not segmented.split.segments  # hooks idle between steps
+
+
+def test_the_rotary_embedding_moves_to_the_first_layers_device(model_and_tokenizer, classic):
+    """accelerate leaves the rotary embedding on the last card; on the first layer's, a step crosses twice."""
+    from accelerate.hooks import attach_align_device_hook_on_blocks, remove_hook_from_module
+
+    model, tokenizer = model_and_tokenizer
+    mapping = two_segments(model)
+    attach_align_device_hook_on_blocks(model, execution_device={k: torch.device("cpu") for k in mapping},
+                                       offload={k: False for k in mapping}, skip_keys=model._skip_keys_device_placement)
+    try:
+        moved = split.colocate_rotary(model, mapping)
+        assert moved["model.rotary_emb"] == "cpu:0" and {k: v for k, v in moved.items() if k != "model.rotary_emb"} == {
+            k: v for k, v in mapping.items() if k != "model.rotary_emb"}
+        assert mapping["model.rotary_emb"] == "cpu:1"  # the map given is left as it was
+        engine = FastEngine(model, tokenizer, context_length=4096, use_graph=False, placement=moved)
+        try:
+            seen = []
+            original = split.SplitDecoder.eager
+
+            @contextlib.contextmanager
+            def spy(self, device):
+                with original(self, device):
+                    yield
+                    seen.append([s.label for s in self.segments])
+
+            split.SplitDecoder.eager = spy
+            try:
+                prompt = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
+                got = forced_logits(engine, prompt, prompt[:2])
+            finally:
+                split.SplitDecoder.eager = original
+            assert relative_error(got, reference_logits(model, prompt, prompt[:2])) < 1e-5
+            assert seen and all(labels == ["cpu:0", "cpu:1"] for labels in seen)  # embed, rotary, layer 0 | the rest
+            history = [{"role": "user", "content": "介绍广州这座城市"}]
+            assert generate_reply(engine, history, GenerationSettings(do_sample=False, max_new_tokens=12)).text == classic.reply(history, 12)
+        finally:
+            engine.close()
+    finally:
+        remove_hook_from_module(model, recurse=True)
 
 
 def test_segmented_greedy_replies_equal_the_classic_recipe_over_turns(segmented, classic):
