@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 
 from . import allowed
+from .device import on
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _force_cpu = False
@@ -163,10 +164,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = F
     if rows.shape[0] == 0:
         return out
     block = k["next_power_of_2"](n)
-    k["rms_norm"][(rows.shape[0],)](
-        rows, weight, out, rows.stride(0), n, float(n), _reciprocal(n), float(eps),
-        BLOCK=block, OFFSET=offset, DIVIDE=x.device.type != "cuda", INTERPRETED=k["interpreted"], num_warps=_warps(block), **_LAUNCH,
-    )
+    with on(x.device):
+        k["rms_norm"][(rows.shape[0],)](
+            rows, weight, out, rows.stride(0), n, float(n), _reciprocal(n), float(eps),
+            BLOCK=block, OFFSET=offset, DIVIDE=x.device.type != "cuda", INTERPRETED=k["interpreted"], num_warps=_warps(block), **_LAUNCH,
+        )
     return out
 
 
@@ -182,13 +184,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     cos = cos.expand(batch, seq, dim)
     sin = sin.expand(batch, seq, dim)
     block = kern["next_power_of_2"](dim // 2)
-    kern["rope"][(programs,)](
-        q, k, cos, sin, q_out, k_out, hq, hk, seq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
-        HALF=dim // 2, BLOCK=block, INTERPRETED=kern["interpreted"], num_warps=1, **_LAUNCH,
-    )
+    with on(q.device):
+        kern["rope"][(programs,)](
+            q, k, cos, sin, q_out, k_out, hq, hk, seq,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+            HALF=dim // 2, BLOCK=block, INTERPRETED=kern["interpreted"], num_warps=1, **_LAUNCH,
+        )
     return q_out, k_out
 
 
@@ -218,7 +221,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return out
     block = 1024
-    k["silu_mul"][(triton_cdiv(n, block),)](g, u, out, n, BLOCK=block, INTERPRETED=k["interpreted"], num_warps=4, **_LAUNCH)
+    with on(gate.device):
+        k["silu_mul"][(triton_cdiv(n, block),)](g, u, out, n, BLOCK=block, INTERPRETED=k["interpreted"], num_warps=4, **_LAUNCH)
     return out
 
 

@@ -266,17 +266,20 @@ class Plan:
         """``x`` (contiguous, ``self.dtype``, K values) -> ``(N,)`` in ``self.out_dtype``."""
         import torch
 
+        from .device import on
+
         n, has_bias = self.n, bias is not None
         bias_arg = bias if has_bias else self.code
         out = torch.empty(n, dtype=self.out_dtype, device=self.device)
         target = out if self.splits == 1 else torch.empty(self.splits * n, dtype=torch.float32, device=self.device)
-        self.kernels.matvec_kernel[self.grid](
-            x, self.packed, self.absmax, self.code, self.code2, self.absmax2, self.offset, bias_arg, target,
-            n, self.k, self.k // 2, self.k_split, HAS_BIAS=has_bias, **self.constants,
-        )
-        if self.splits > 1:
-            block = 256
-            self.kernels.reduce_kernel[(-(-n // block),)](target, bias_arg, out, n, SPLITS=self.splits, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+        with on(self.device):
+            self.kernels.matvec_kernel[self.grid](
+                x, self.packed, self.absmax, self.code, self.code2, self.absmax2, self.offset, bias_arg, target,
+                n, self.k, self.k // 2, self.k_split, HAS_BIAS=has_bias, **self.constants,
+            )
+            if self.splits > 1:
+                block = 256
+                self.kernels.reduce_kernel[(-(-n // block),)](target, bias_arg, out, n, SPLITS=self.splits, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
         return out
 
 
