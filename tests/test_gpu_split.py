@@ -23,8 +23,9 @@ pytestmark = [
 
 # test_gpu.py's shape (bitsandbytes' batch-1 4-bit kernels want widths in 64-value blocks), four layers.
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4)
-# Half the layers on each card; the rotary embedding after the last layer, where accelerate's maps put it,
-# so a step crosses over four times: embeddings | rotary | layers 0-1 | layers 2-3, norm, head.
+# Half the layers on each card; the rotary embedding after the last layer, where accelerate's maps put it
+# (a step would cross four times: embeddings | rotary | layers 0-1 | layers 2-3, norm, head); the fast
+# engine moves it to the first layer's card, so a step crosses twice.
 MAP = {
     "model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1, "model.layers.3": 1,
     "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1,
@@ -76,8 +77,10 @@ def test_the_split_model_runs_on_graphs_per_device_and_says_so(nf4):
     summary = nf4.summary()
     assert "split over 2 GPUs: cuda:0 layers 0–1 (" in summary and "cuda:1 layers 2–3 + head (" in summary, summary
     assert "engine: static KV cache + CUDA graph" in summary and "could not run" not in summary, summary
-    # The warm-up captured the graphs: one per segment, on the devices of the map, in execution order.
-    assert [s.device.index for s in engine.graph.segments] == [0, 1, 0, 1]
+    # The warm-up captured the graphs: one per segment, on the devices of the map, in execution order; the
+    # rotary embedding, which accelerate put on the last card, runs on the first layer's (split.colocate_rotary).
+    assert [s.device.index for s in engine.graph.segments] == [0, 1]
+    assert next(model.model.rotary_emb.buffers()).device.index == 0 and model.hf_device_map["model.rotary_emb"] == 0
     # The cache's layers live on their layer's card.
     layers = [layer for layer in engine.cache.layers if getattr(layer, "keys", None) is not None]
     assert [layer.keys.device.index for layer in layers] == [0, 0, 1, 1]
