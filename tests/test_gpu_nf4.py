@@ -130,7 +130,7 @@ def test_graph_replay_equals_eager(n, k, dtype):
 def test_patch_on_gpu(compute):
     import bitsandbytes as bnb
 
-    from qwen_magic.kernels import nf4
+    from qwen_magic.kernels import decoding, nf4
 
     compute = getattr(torch, compute)
     torch.manual_seed(0)
@@ -147,7 +147,7 @@ def test_patch_on_gpu(compute):
     original = nf4.Plan.__call__
     try:
         nf4.Plan.__call__ = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-        with torch.no_grad():
+        with torch.no_grad(), decoding():  # as in a fast engine's decode step (with an engine open, only there)
             y = model(x)
             rows = model(torch.randn(2, 256, device="cuda", dtype=compute))
         assert len(calls) == 2 and rows.shape == (2, 256)
