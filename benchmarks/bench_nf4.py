@@ -160,12 +160,15 @@ def other_formats(n, k, dtype, x):
     for name, version in found:
         try:
             if name == "torchao":
-                from torchao.quantization import int4_weight_only, quantize_
+                import torchao.quantization as tq
 
                 linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-                quantize_(linear, int4_weight_only(group_size=64))
+                if hasattr(tq, "Int4WeightOnlyConfig"):  # torchao >= 0.10; tinygemm's tile-packed layout (in torch itself)
+                    tq.quantize_(linear, tq.Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d"))
+                else:
+                    tq.quantize_(linear, tq.int4_weight_only(group_size=64))
                 xb = x.to(torch.bfloat16)
-                results.append((f"torchao {version} int4_weight_only g64 (other format)", lambda i, linear=linear, xb=xb: linear(xb), n * k // 2 + n * k // 64 * 4, ""))
+                results.append((f"torchao {version} int4 weight-only g64, tinygemm (other format, bfloat16)", lambda i, linear=linear, xb=xb: linear(xb), n * k // 2 + n * k // 64 * 4, ""))
             elif name == "hqq":
                 from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 
@@ -175,12 +178,18 @@ def other_formats(n, k, dtype, x):
                 xh = x.to(torch.float16)
                 results.append((f"hqq {version} 4-bit g64, pytorch backend (other format)", lambda i, hqq=hqq, xh=xh: hqq(xh), n * k // 2 + n * k // 64 * 4, ""))
             elif name == "gemlite":
-                from gemlite.helper import A16W4
+                from gemlite.helper import A16W4_HQQ_INT
 
-                linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
-                layer = A16W4(device="cuda").from_linear(linear)
-                xh = x.to(torch.float16)
-                results.append((f"gemlite {version} A16W4 (other format)", lambda i, layer=layer, xh=xh: layer(xh), n * k // 2 + n * k // 64 * 4, ""))
+                # gemlite takes asymmetric 4-bit weights with a scale and a zero per group of 64 (W ~ (W_q - zero) * scale)
+                groups = torch.randn(n, k // 64, 64, device="cuda")
+                low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+                scale = ((high - low) / 15).clamp_min(1e-6)
+                zero = -low / scale
+                w_q = (groups / scale + zero).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+                layer = A16W4_HQQ_INT(device="cuda", dtype=torch.float16).from_weights(
+                    w_q, scale.reshape(n, -1).half(), zero.reshape(n, -1).half())
+                xh = x.to(torch.float16).reshape(1, k)
+                results.append((f"gemlite {version} A16W4 g64 (other format)", lambda i, layer=layer, xh=xh: layer(xh), n * k // 2 + n * k // 64 * 4, ""))
         except Exception as error:
             print(f"  {name} {version}: could not set up ({error.__class__.__name__}: {str(error)[:120]})")
     return results

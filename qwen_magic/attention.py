@@ -39,8 +39,10 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     if is_causal is False or not getattr(module, "is_causal", True):
         # Not the text model's causal attention over the cache (a vision tower's attention over a picture's
-        # patches, which a prefill with pictures runs too): SDPA exactly as the recipe calls it.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        # patches, which a prefill with pictures runs too): SDPA as the recipe calls it, but not on cuDNN's
+        # kernel, whose plans are built per thread and per shape (every reply has a thread of its own).
+        with _no_plan_kernels():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     end = getattr(_filled, "end", None)
