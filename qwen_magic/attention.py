@@ -39,21 +39,19 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     """
     if is_causal is False or not getattr(module, "is_causal", True):
         # Not the text model's causal attention over the cache (a vision tower's attention over a picture's
-        # patches, which a prefill with pictures runs too): SDPA as the recipe calls it, but not on cuDNN's
-        # kernel, whose plans are built per thread and per shape (every reply has a thread of its own).
-        with _no_plan_kernels():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        # patches, which a prefill with pictures runs too): SDPA as the recipe calls it (a prefill runs under
+        # no_plan_kernels(): not on cuDNN's kernel, whose plans are built per thread and per shape).
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     end = getattr(_filled, "end", None)
     if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
         key, value = key[:, :, :end], value[:, :, :end]
         if end == length and getattr(module, "sliding_window", None) is None:
-            # The whole prompt from position 0: plain causal attention, as the recipe runs it. Not on cuDNN's kernel:
-            # its plans are cached per thread, and every reply is written by a new thread, so each first question
-            # paid a plan build (about 80 ms at 100 tokens on an H200; benchmarks/RESULTS.md).
-            with _no_plan_kernels():
-                return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
+            # The whole prompt from position 0: plain causal attention, as the recipe runs it (the prefill runs under
+            # no_plan_kernels(), so not on cuDNN's kernel: its plans are cached per thread, and every reply is written
+            # by a new thread, so each first question paid a plan build, about 80 ms at 100 tokens on an H200).
+            return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)
         if getattr(module, "sliding_window", None) is None and not dropout and not heads % kv_heads and _lower_right is not None:
             # After a cached prefix, or an earlier chunk: causal attention aligned to the last key, with no mask
             # to build or read (SDPA's flash kernel where it runs; a materialized mask elsewhere).
@@ -62,8 +60,7 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             return output.transpose(1, 2).contiguous(), None
         if attention_mask is not None:
             attention_mask = attention_mask[..., :end]
-        with _no_plan_kernels():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads
@@ -78,8 +75,9 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return output.transpose(1, 2).contiguous(), None
 
 
-def _no_plan_kernels():
-    """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape; as before elsewhere."""
+def no_plan_kernels():
+    """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape and thread: around a
+    whole prefill forward (entered once, not per attention call: a picture's vision tower makes thousands)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # older torch: whatever it picks

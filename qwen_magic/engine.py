@@ -125,7 +125,7 @@ class ReplyStream:
     """Runs a producer in a worker thread; iterating yields whole-character text pieces."""
 
     def __init__(self, tokenizer, prompt_tokens: int, produce: Producer, *, max_new_tokens: int, end_ids: set, info=None,
-                 opens_thinking: Optional[bool] = False):
+                 opens_thinking: Optional[bool] = False, started: Optional[float] = None):
         self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else TextPieces()
         self.prompt_tokens = prompt_tokens
         self.opens_thinking = opens_thinking  # the prompt opened a think block (None: not known)
@@ -137,7 +137,8 @@ class ReplyStream:
         self._end_ids = end_ids
         self._max_new_tokens = max_new_tokens
         self._interrupted = False
-        self._started = time.perf_counter()
+        # When the question began to be prepared (``started``: a picture's processing counts), else now.
+        self._started = time.perf_counter() if started is None else started
         self._first_token_at: Optional[float] = None
         self._thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self._thread.start()

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import torch
 from transformers import StaticCache
 
-from .attention import ATTENTION, _filled, grouped_attention, register_attention  # noqa: F401 (grouped_attention: tests)
+from .attention import ATTENTION, _filled, grouped_attention, no_plan_kernels, register_attention  # noqa: F401 (grouped_attention: tests)
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
 from .kernels import decoding, load_kernels, release
@@ -181,7 +181,8 @@ class FastEngine:
         _filled.end = start + ids.shape[1]
         kwargs = {"position_ids": positions[None], self.cache_keyword: self.cache, **(extra or {})}
         try:
-            out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
+            with no_plan_kernels():
+                out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
         finally:
             _filled.end = None
         return out.logits[:, -1, :]

@@ -21,6 +21,7 @@ A window without pictures is a plain text prompt, with the same greedy tokens as
 import hashlib
 import inspect
 import threading
+import time
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -165,8 +166,9 @@ class VisionEngine:
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
         from .thinking import opens_thinking
 
+        began = time.perf_counter()  # the processor's work is part of the wait for the first token
         if self.text_engine is not None and (self.pictures_on_fast or not pictures_of(messages)):
-            return self._fast(messages, settings, continue_final)
+            return self._fast(messages, settings, continue_final, began)
 
         inputs, text = self.prompt.inputs(messages, continue_final, settings.thinking)
         head = text[: len(text) - len(messages[-1]["content"])] if continue_final else text
@@ -181,11 +183,11 @@ class VisionEngine:
                                     stopping_criteria=StoppingCriteriaList([_StopFlag(stop_event)]), **kwargs)
 
         return ReplyStream(self.tokenizer, int(inputs["input_ids"].shape[1]), produce, max_new_tokens=settings.max_new_tokens,
-                           end_ids=self.end_ids, opens_thinking=opens_thinking(head))
+                           end_ids=self.end_ids, opens_thinking=opens_thinking(head), started=began)
 
     # --- the fast engine
 
-    def _fast(self, messages, settings: GenerationSettings, continue_final: bool) -> ReplyStream:
+    def _fast(self, messages, settings: GenerationSettings, continue_final: bool, began: Optional[float] = None) -> ReplyStream:
         from .thinking import opens_thinking
 
         fast = self.text_engine
@@ -231,7 +233,7 @@ class VisionEngine:
                         self._note_snapshots(layout)
 
         return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids,
-                           info=info, opens_thinking=opened)
+                           info=info, opens_thinking=opened, started=began)
 
     def _rotary(self, inputs):
         """The prompt's 3-D positions (3, n) and rope_deltas, as ``generate`` computes them (on the host)."""
