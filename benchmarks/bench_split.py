@@ -153,12 +153,15 @@ def measure_loaded(model, tokenizer, args, r, key, recipe=True, engine=None):
     started = time.perf_counter()
     if recipe:
         recipe_side(model, tokenizer, args, r, key)
+        r[f"peak_gib_recipe_{key}"] = per_card(torch.cuda.max_memory_allocated)
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
     try:
         ours_side(model, tokenizer, args, r, key, engine)
     except Exception as error:  # report the recipe's side anyway
         r[f"error_{key}"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         print(f"{key}: the fast engine failed: {r[f'error_{key}']}", flush=True)
-    r[f"peak_gib_{key}"] = per_card(torch.cuda.max_memory_allocated)
+    r[f"peak_gib_{key}"] = per_card(torch.cuda.max_memory_allocated)  # qwen_magic's runs (the recipe's apart, above)
     print(f"{key}: measured in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -226,8 +229,8 @@ def report(r, args, keys):
         f"cards: {', '.join(r['cards'])} · torch {r['torch']} · transformers {r['transformers']} · bitsandbytes {r['bitsandbytes']} · "
         f"NF4, {r['compute_dtype']} compute · greedy, {r['new_tokens']} new tokens (recipe {r['recipe_tokens']})",
         "",
-        "| model | decode tok/s recipe | decode tok/s qwen_magic | ratio | first token after history, recipe (s) | qwen_magic cached (s) | qwen_magic uncached (s) | GiB per card after load | peak GiB per card |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| model | decode tok/s recipe | decode tok/s qwen_magic | ratio | first token after history, recipe (s) | qwen_magic cached (s) | qwen_magic uncached (s) | GiB per card after load | peak GiB per card, recipe | peak GiB per card, qwen_magic |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for key in keys:
         classic, ours = r.get(f"decode_tps_recipe_{key}"), r.get(f"decode_tps_ours_{key}")
@@ -235,7 +238,8 @@ def report(r, args, keys):
         lines.append(
             f"| {names[key]} ({r.get(f'history_tokens_{key}', 0):,}-token history) | {f(classic)} | {f(ours)} | {ratio} | "
             f"{f(r.get(f'ttft_s_recipe_{key}'))} | {f(r.get(f'ttft_s_ours_{key}'))} | {f(r.get(f'ttft_s_ours_uncached_{key}'))} | "
-            f"{' / '.join(map(str, r[f'loaded_gib_{key}']))} | {' / '.join(map(str, r[f'peak_gib_{key}']))} |")
+            f"{' / '.join(map(str, r[f'loaded_gib_{key}']))} | {' / '.join(map(str, r.get(f'peak_gib_recipe_{key}', ['–'])))} | "
+            f"{' / '.join(map(str, r[f'peak_gib_{key}']))} |")
     lines.append("")
     one, both = r.get("decode_tps_ours_7b_one_card"), r.get("decode_tps_ours_7b_split")
     if one and both:
