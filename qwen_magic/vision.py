@@ -31,6 +31,7 @@ from transformers import StoppingCriteriaList
 from .engine import ReplyStream, _Emitter, _StopFlag, end_token_ids, generation_kwargs, model_device
 from .fast import ATTENTION, common_prefix
 from .images import open_image
+from .picture_cache import PictureCache
 from .prompt import encode, prepare, render
 from .settings import GenerationSettings
 
@@ -60,6 +61,7 @@ class VisionPrompt:
         self.tokenizer = processor.tokenizer
         self._tokens: Dict[str, int] = {}  # image tokens by the picture's hash
         self._lock = threading.Lock()
+        self._pictures = PictureCache()  # decoded and processed once, for every later turn that still shows them
 
     def render(self, messages, continue_final: bool = False, thinking=None, generation_prompt: bool = True) -> str:
         if continue_final:
@@ -85,8 +87,14 @@ class VisionPrompt:
     def inputs(self, messages, continue_final: bool = False, thinking=None):
         """The model's inputs, exactly as the classic recipe makes them; and the prompt text."""
         text = self.render(messages, continue_final, thinking)
-        images = [open_image(png) for png in pictures_of(messages)]
-        return self.processor(text=[text], images=images or None, return_tensors="pt"), text
+        pngs = pictures_of(messages)
+        if not pngs:
+            return self.processor(text=[text], return_tensors="pt"), text
+        with self._pictures.lock:
+            pictures = self._pictures.take(pngs)
+            with self._pictures.standing_in(self.processor, pictures):
+                inputs = self.processor(text=[text], images=[picture.image for picture in pictures], return_tensors="pt")
+        return inputs, text
 
 
 class Layout:

@@ -255,6 +255,48 @@ def test_an_image_file_reply_equals_the_recipe_over_turns(ip, vl_chat, vl_recipe
     assert f"context {tokens:,} / " in shown.outputs[-1].data["text/markdown"]  # the processor's own count
 
 
+def test_pictures_are_processed_once_and_the_inputs_stay_the_recipes(vl_model_dir, vl_recipe, monkeypatch):
+    """A later turn takes the pictures' processed pixels from the cache; the inputs equal a direct processor
+    call, tensor for tensor, with one picture, two of different sizes, and again after the cache evicted one."""
+    from transformers import AutoProcessor
+
+    from qwen_magic import picture_cache
+    from qwen_magic.vision import VisionPrompt
+
+    prompt = VisionPrompt(AutoProcessor.from_pretrained(vl_model_dir))
+    real = prompt.processor.image_processor
+    one, two, three = normalize(picture(200, 150, 7)), normalize(picture(120, 260, 8)), normalize(picture(90, 90, 9))
+    conversation = [{"role": "user", "content": "What is it?", "images": [one]}]
+    turns = [
+        conversation,
+        conversation + [{"role": "assistant", "content": "A chart."}, {"role": "user", "content": "And this?", "images": [two]}],
+        conversation + [{"role": "assistant", "content": "A chart."}, {"role": "user", "content": "And this?", "images": [two]},
+                        {"role": "assistant", "content": "Another."}, {"role": "user", "content": "Colours?"}],
+    ]
+    prompt._pictures = picture_cache.PictureCache(kept=2)
+    processed = []
+    original_call = picture_cache._StandIn.__call__
+
+    def counting(self, images=None, *args, **kwargs):
+        before = sum(len(p.features) for p in self._pictures)
+        out = original_call(self, images, *args, **kwargs)
+        processed.append(sum(len(p.features) for p in self._pictures) - before)
+        return out
+
+    monkeypatch.setattr(picture_cache._StandIn, "__call__", counting)
+    for messages in turns + [[{"role": "user", "content": "New picture.", "images": [three]}], turns[1]]:
+        got, text = prompt.inputs(messages)
+        pictures = [as_pil(png) for m in messages for png in m.get("images", ())]
+        expected = prompt.processor(text=[text], images=pictures, return_tensors="pt")
+        assert got.keys() == expected.keys()
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), name
+        assert prompt.processor.image_processor is real  # the stand-in is gone after each call
+    # processed: turn 1 one new picture; turn 2 only the new one; turn 3 none; then a third picture (evicting
+    # the first, kept=2); then turn 2 again: the first picture again (evicted), the second from the cache
+    assert processed == [1, 1, 0, 1, 1]
+
+
 def test_the_window_counts_image_tokens_as_the_processor_does(vl_chat, vl_recipe):
     from qwen_magic.vision import VisionPrompt
 
