@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from . import allowed
-from .device import on
+from .device import on, unsupported
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _force_cpu = False
@@ -68,21 +68,7 @@ def force_kernels(on: bool = True) -> None:
 
 def available(device=None) -> Optional[str]:
     """None when the kernels can run on ``device`` (default: the current CUDA device), else why not, in one line."""
-    try:
-        import triton  # noqa: F401
-    except Exception as error:  # ImportError, or a broken install
-        return f"triton is not importable ({type(error).__name__}: {error})".splitlines()[0]
-    device = torch.device("cuda") if device is None else torch.device(device)
-    if device.type != "cuda":
-        return f"the model is on {device.type}, not CUDA"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if getattr(torch.version, "hip", None):
-        return "the fused kernels are written for NVIDIA GPUs, not ROCm"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (7, 5):
-        return f"the fused kernels need compute capability 7.5 or newer; this GPU has {major}.{minor}"
-    return None
+    return unsupported(device)
 
 
 def check(device=None, dtype=torch.float16) -> Optional[str]:

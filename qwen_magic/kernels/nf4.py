@@ -83,31 +83,12 @@ class Config(NamedTuple):
 def available(device=None) -> Optional[str]:
     """None when the kernel can run on ``device`` (default: the current CUDA device), else why not."""
     try:
-        import torch
+        import torch  # noqa: F401
     except ImportError:
         return "torch is not installed"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed"
-    except Exception as error:  # a broken install
-        return f"triton does not import ({error.__class__.__name__}: {error})"
-    if device is None:
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        device = torch.device("cuda", torch.cuda.current_device())
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"the device is {device.type}, not CUDA"
-    if not torch.cuda.is_available():
-        return "CUDA is not available"
-    if getattr(torch.version, "hip", None):
-        return "ROCm is not supported"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) < (7, 5):
-        return f"compute capability {major}.{minor} is below 7.5"
-    return None
+    from .device import unsupported
+
+    return unsupported(device)
 
 
 _SM_COUNT: Dict[int, int] = {}
