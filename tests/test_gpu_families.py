@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from qwen_magic import loader
-from qwen_magic.engine import GenerateEngine, generate_reply
-from qwen_magic.fast import FastEngine, cache_keyword
+from qwen_magic.engine import GenerateEngine
+from qwen_magic.fast import FastEngine
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from qwen_magic.tiny import available_families
 from test_fast import forced_logits, reference_logits, relative_error
+from test_gpu import incremental_logits, reply_to, turns
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,22 +46,6 @@ def nf4(request, family_dir):
     loader.free(loaded)
 
 
-def turns(tokenizer, *texts):
-    return prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
-
-
-def incremental_logits(model, prompt, continuation):
-    """The classic recipe's own path: a dynamic cache fed one token at a time."""
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt], device=model.device), use_cache=True)
-        rows = [out.logits[:, -1]]
-        for token in continuation:
-            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
-            out = model(torch.tensor([[token]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
-            rows.append(out.logits[:, -1])
-    return torch.cat(rows)
-
-
 def test_graph_equals_eager_and_a_plain_forward(nf4):
     family, loaded = nf4
     model, tokenizer, fast = loaded.model, loaded.tokenizer, loaded.engine
@@ -85,13 +70,6 @@ def test_graph_equals_eager_and_a_plain_forward(nf4):
             bound = max(bound, 1.5 * relative_error(incremental_logits(model, prompt, reply).float(), reference))
         assert relative_error(fast_logits, reference) < bound, family
     eager.close()
-
-
-def reply_to(engine, messages, settings, continue_final=False):
-    stream = engine.start(messages, settings, continue_final=continue_final)
-    for _ in stream:
-        pass
-    return stream.result
 
 
 def test_greedy_turns_regenerate_and_continue_equal_generate(nf4):

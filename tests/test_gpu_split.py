@@ -10,10 +10,11 @@ import torch
 
 from qwen_magic import fast, loader, split
 from qwen_magic.engine import GenerateEngine
-from qwen_magic.fast import FastEngine, cache_keyword
+from qwen_magic.fast import FastEngine
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from test_fast import forced_logits, reference_logits, relative_error
+from test_gpu import graph_matches_eager_and_a_plain_forward, reply_to
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,29 +47,6 @@ def nf4(request, split_model_dir):
     loader.free(loaded)
 
 
-def turns(tokenizer, *texts):
-    return prompt_ids(tokenizer, [{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, texts)])
-
-
-def incremental_logits(model, prompt, continuation):
-    """The classic recipe's own path: a dynamic cache fed one token at a time."""
-    with torch.inference_mode():
-        out = model(torch.tensor([prompt], device=model.device), use_cache=True)
-        rows = [out.logits[:, -1]]
-        for token in continuation:
-            cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
-            out = model(torch.tensor([[token]], device=model.device), use_cache=True, **{cache_keyword(model): cache})
-            rows.append(out.logits[:, -1])
-    return torch.cat(rows)
-
-
-def reply_to(engine, messages, settings, continue_final=False):
-    stream = engine.start(messages, settings, continue_final=continue_final)
-    for _ in stream:
-        pass
-    return stream.result
-
-
 def test_the_split_model_runs_on_graphs_per_device_and_says_so(nf4):
     model, engine = nf4.model, nf4.engine
     assert {str(p.device) for p in model.model.layers[1].parameters()} == {"cuda:0"}
@@ -89,31 +67,10 @@ def test_the_split_model_runs_on_graphs_per_device_and_says_so(nf4):
 
 def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
     model, tokenizer = nf4.model, nf4.tokenizer
-    graphed = nf4.engine
     eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True)  # accelerate moves tensors itself; the same kernels
     assert eager.split is None
-    reply_one = tokenizer("广州是广东省的省会。<|im_end|>", add_special_tokens=False)["input_ids"]
-    reply_two = tokenizer("早茶和虾饺。<|im_end|>", add_special_tokens=False)["input_ids"]
     try:
-        for prompt, reply in [
-            (turns(tokenizer, "介绍广州这座城市"), reply_one),
-            (turns(tokenizer, "介绍广州这座城市", "广州是广东省的省会。", "它有什么好吃的美食吗?"), reply_two),  # reuses the cache
-            (turns(tokenizer, "它有什么好吃的美食吗?", "早茶和虾饺。", "还有呢?"), reply_two),  # window moved: rebuilt
-        ]:
-            graph_logits = forced_logits(graphed, prompt, reply).float()
-            assert relative_error(graph_logits, forced_logits(eager, prompt, reply).float()) < 1e-3
-            reference = reference_logits(model, prompt, reply).float()
-            if model.dtype == torch.float32:
-                assert relative_error(graph_logits, reference) < 1e-3
-            else:
-                # As in test_gpu.py: no further from a plain forward than the classic recipe's own path.
-                classic = relative_error(incremental_logits(model, prompt, reply).float(), reference)
-                model.set_attn_implementation("eager")
-                try:
-                    eager_error = relative_error(incremental_logits(model, prompt, reply).float(), reference)
-                finally:
-                    model.set_attn_implementation(fast.ATTENTION)
-                assert relative_error(graph_logits, reference) <= 1.5 * max(classic, eager_error, 1e-3)
+        graph_matches_eager_and_a_plain_forward(nf4.engine, eager, model, tokenizer)
     finally:
         eager._drop_cache()  # not close(): that gives the model sdpa back, which the graphed engine does not want
 
