@@ -132,15 +132,20 @@ def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monk
     assert all(keys == engine.reused + queries for _, queries, keys, _ in seen[:layers])
 
 
-def test_greedy_replies_equal_the_classic_recipe(engine, classic):
-    settings = GenerationSettings(do_sample=False, max_new_tokens=16)
+def greedy_turns_equal_the_recipe(engine, classic, settings):
+    """Three chat turns, each greedy reply equal to the classic recipe's; the last reply and the history."""
     history = []
     for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello!"]:
         history.append({"role": "user", "content": question})
         reply = generate_reply(engine, history, settings)
-        expected = classic.reply(history, 16)
+        expected = classic.reply(history, settings.max_new_tokens)
         assert reply.text == expected
         history.append({"role": "assistant", "content": expected})
+    return reply, history
+
+
+def test_greedy_replies_equal_the_classic_recipe(engine, classic):
+    reply, history = greedy_turns_equal_the_recipe(engine, classic, GenerationSettings(do_sample=False, max_new_tokens=16))
     assert reply.cached_tokens > 0
     assert reply.prompt_tokens == classic.count(history[:-1])
 

@@ -13,7 +13,7 @@ from qwen_magic import loader, split
 from qwen_magic.engine import GenerateEngine, generate_reply
 from qwen_magic.fast import FastEngine
 from qwen_magic.settings import GenerationSettings
-from test_fast import forced_logits, reference_logits, relative_error
+from test_fast import forced_logits, greedy_turns_equal_the_recipe, reference_logits, relative_error
 
 SEVEN_B = {  # what accelerate's "balanced" map looks like for a 28-layer model on two cards
     "model.embed_tokens": 0, **{f"model.layers.{i}": 0 if i < 14 else 1 for i in range(28)},
@@ -77,31 +77,29 @@ def segmented(model_and_tokenizer):
     engine.close()
 
 
-def test_segment_hooks_cut_each_step_and_copy_what_crosses(segmented, model_and_tokenizer):
-    model, tokenizer = model_and_tokenizer
+def forced_with_segments(engine, tokenizer, n):
+    """Teacher-forced logits over ``n`` tokens of a prompt, and each decode step's segments as
+    (label, device type, transfers, module calls)."""
     seen = []
     original = split.SplitDecoder.eager
 
+    @contextlib.contextmanager
     def spy(self, device):
-        context = original(self, device)
-
-        class Watch:
-            def __enter__(_):
-                result = context.__enter__()
-                return result
-
-            def __exit__(_, *exc):
-                seen.append([(s.label, s.device.type, len(s.transfers), s.calls) for s in self.segments])
-                return context.__exit__(*exc)
-
-        return Watch()
+        with original(self, device):
+            yield
+            seen.append([(s.label, s.device.type, len(s.transfers), s.calls) for s in self.segments])
 
     split.SplitDecoder.eager = spy
     try:
         prompt = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
-        got = forced_logits(segmented, prompt, prompt[:4])
+        return prompt, forced_logits(engine, prompt, prompt[:n]), seen
     finally:
         split.SplitDecoder.eager = original
+
+
+def test_segment_hooks_cut_each_step_and_copy_what_crosses(segmented, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt, got, seen = forced_with_segments(segmented, tokenizer, 4)
     assert relative_error(got, reference_logits(model, prompt, prompt[:4])) < 1e-5
     assert len(seen) == 4  # one per single step; the prefill runs whole
     labels = [s[0] for s in seen[0]]
@@ -126,23 +124,9 @@ def test_the_rotary_embedding_moves_to_the_first_layers_device(model_and_tokeniz
         assert mapping["model.rotary_emb"] == "cpu:1"  # the map given is left as it was
         engine = FastEngine(model, tokenizer, context_length=4096, use_graph=False, placement=moved)
         try:
-            seen = []
-            original = split.SplitDecoder.eager
-
-            @contextlib.contextmanager
-            def spy(self, device):
-                with original(self, device):
-                    yield
-                    seen.append([s.label for s in self.segments])
-
-            split.SplitDecoder.eager = spy
-            try:
-                prompt = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
-                got = forced_logits(engine, prompt, prompt[:2])
-            finally:
-                split.SplitDecoder.eager = original
+            prompt, got, seen = forced_with_segments(engine, tokenizer, 2)
             assert relative_error(got, reference_logits(model, prompt, prompt[:2])) < 1e-5
-            assert seen and all(labels == ["cpu:0", "cpu:1"] for labels in seen)  # embed, rotary, layer 0 | the rest
+            assert seen and all([s[0] for s in step] == ["cpu:0", "cpu:1"] for step in seen)  # embed, rotary, layer 0 | the rest
             history = [{"role": "user", "content": "介绍广州这座城市"}]
             assert generate_reply(engine, history, GenerationSettings(do_sample=False, max_new_tokens=12)).text == classic.reply(history, 12)
         finally:
@@ -153,13 +137,7 @@ def test_the_rotary_embedding_moves_to_the_first_layers_device(model_and_tokeniz
 
 def test_segmented_greedy_replies_equal_the_classic_recipe_over_turns(segmented, classic):
     settings = GenerationSettings(do_sample=False, max_new_tokens=16)
-    history = []
-    for question in ["介绍广州这座城市", "它有什么好吃的美食吗?", "Hello!"]:
-        history.append({"role": "user", "content": question})
-        reply = generate_reply(segmented, history, settings)
-        expected = classic.reply(history, 16)
-        assert reply.text == expected
-        history.append({"role": "assistant", "content": expected})
+    reply, history = greedy_turns_equal_the_recipe(segmented, classic, settings)
     assert reply.cached_tokens > 0  # the cache was reused across turns
     # regenerate: the same prompt again gives the same reply, from the cache
     again = generate_reply(segmented, history[:-1], settings)
@@ -191,8 +169,6 @@ def test_capture_mode_records_copies_instead_of_doing_them(model_and_tokenizer, 
 
 
 def test_a_split_model_takes_the_fast_engine(model_and_tokenizer, tmp_path, monkeypatch):
-    from qwen_magic.tiny import write_tiny_model
-
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the choice, not the run: the model stays on the CPU
     monkeypatch.setattr(model, "hf_device_map", {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 1, "lm_head": 1},
