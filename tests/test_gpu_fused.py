@@ -150,34 +150,33 @@ def test_patched_tiny_model_equals_eager(fused, tmp_path, family, dtype):
     assert tokens.tolist() == expected_tokens.tolist()
 
 
+def forced(model, tokenizer, prompt, continuation, **options):
+    """A fresh fast engine's teacher-forced logits (float32), and whether it ran a CUDA graph; the engine closed."""
+    from qwen_magic.fast import FastEngine
+    from test_fast import forced_logits
+
+    engine = FastEngine(model, tokenizer, context_length=256, **options)
+    try:
+        return forced_logits(engine, prompt, continuation).float(), engine.graph is not None
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_patched_decode_step_in_a_cuda_graph_equals_eager(fused, tmp_path, family, dtype):
     """The fast engine's captured decode step, patched, against its eager step unpatched (teacher forcing)."""
-    from qwen_magic.fast import FastEngine
-    from test_fast import forced_logits, relative_error
+    from test_fast import relative_error
 
     model, tokenizer = load_tiny(tmp_path, family, dtype)
     prompt, continuation = list(range(3, 40, 2)), [7, 11, 13, 17, 19, 23, 29, 31]
 
-    engine = FastEngine(model, tokenizer, context_length=256, use_graph=False)
-    try:
-        expected = forced_logits(engine, prompt, continuation).float()
-    finally:
-        engine.close()
+    expected, _ = forced(model, tokenizer, prompt, continuation, use_graph=False)
     restore = fused.patch(model)
     try:
-        engine = FastEngine(model, tokenizer, context_length=256, use_graph=True)
-        try:
-            got = forced_logits(engine, prompt, continuation).float()
-            assert engine.graph is not None
-        finally:
-            engine.close()
-        engine = FastEngine(model, tokenizer, context_length=256, use_graph=False)
-        try:
-            patched_eager = forced_logits(engine, prompt, continuation).float()
-        finally:
-            engine.close()
+        got, graphed = forced(model, tokenizer, prompt, continuation, use_graph=True)
+        assert graphed
+        patched_eager, _ = forced(model, tokenizer, prompt, continuation, use_graph=False)
     finally:
         restore()
     error = relative_error(got, expected)
@@ -193,28 +192,19 @@ def test_patched_decode_step_in_a_cuda_graph_equals_eager(fused, tmp_path, famil
 def test_patched_nf4_model_in_a_cuda_graph(fused, tmp_path, dtype):
     """As %qwen_load loads it (4-bit NF4): the patched graph step against the unpatched eager one."""
     from qwen_magic import loader
-    from qwen_magic.fast import FastEngine
     from qwen_magic.tiny import write_tiny_model
-    from test_fast import forced_logits, relative_error
+    from test_fast import relative_error
 
     path = str(write_tiny_model(tmp_path / "nf4", **SHAPE))
     loaded = loader.load(path, bits=4, dtype=dtype, engine="generate", notify=lambda _: None)
     try:
         model, tokenizer = loaded.model, loaded.tokenizer
         prompt, continuation = list(range(3, 40, 2)), [7, 11, 13, 17, 19, 23]
-        engine = FastEngine(model, tokenizer, context_length=256, use_graph=False)
-        try:
-            expected = forced_logits(engine, prompt, continuation).float()
-        finally:
-            engine.close()
+        expected, _ = forced(model, tokenizer, prompt, continuation, use_graph=False)
         restore = fused.patch(model)
         try:
             assert restore.counts["norm"] and restore.counts["mlp"] and restore.counts["rope"]
-            engine = FastEngine(model, tokenizer, context_length=256, use_graph=True, kernels=False)  # the fused patch alone
-            try:
-                got = forced_logits(engine, prompt, continuation).float()
-            finally:
-                engine.close()
+            got, _ = forced(model, tokenizer, prompt, continuation, use_graph=True, kernels=False)  # the fused patch alone
         finally:
             restore()
     finally:
