@@ -30,7 +30,6 @@ from transformers import StoppingCriteriaList
 
 from .engine import ReplyStream, _Emitter, _StopFlag, end_token_ids, generation_kwargs, model_device
 from .fast import ATTENTION, common_prefix
-from .images import open_image
 from .picture_cache import PictureCache
 from .prompt import encode, prepare, render
 from .settings import GenerationSettings
@@ -74,9 +73,11 @@ class VisionPrompt:
         name = hashlib.sha256(png).hexdigest()
         with self._lock:
             if name not in self._tokens:
-                image_processor = self.processor.image_processor
-                grid = image_processor(images=[open_image(png)], return_tensors="pt")["image_grid_thw"][0]
-                self._tokens[name] = int(grid.prod()) // image_processor.merge_size ** 2
+                # Through the processor itself (its own image settings), which keeps the processed picture for
+                # the turn's inputs: a new picture goes through the image processor once, not once per use.
+                inputs, _ = self.inputs([{"role": "user", "content": "", "images": [png]}])
+                grid = inputs["image_grid_thw"][0]
+                self._tokens[name] = int(grid.prod()) // self.processor.image_processor.merge_size ** 2
             return self._tokens[name]
 
     def count(self, messages, thinking=None) -> int:

@@ -200,7 +200,7 @@ def test_a_figure_a_cell_displayed_reaches_the_model_through_with(kernel, tmp_pa
     _, client = kernel
     for code in ["%load_ext qwen_magic", f"%qwen_load {model}", "%qwen_history --clear",
                  # what the processor receives, recorded in the kernel
-                 "import qwen_magic.vision as _v\n_sizes = []\n_open = _v.open_image\n"
+                 "import qwen_magic.picture_cache as _v\n_sizes = []\n_open = _v.open_image\n"
                  "_v.open_image = lambda data: _sizes.append(_open(data).size) or _open(data)"]:
         messages, reply = execute(client, code)
         assert reply["content"]["status"] == "ok", messages
@@ -216,7 +216,7 @@ def test_a_figure_a_cell_displayed_reaches_the_model_through_with(kernel, tmp_pa
     size = Image.open(io.BytesIO(base64.b64decode(shown[0]["content"]["data"]["image/png"]))).size
     messages, reply = execute(client, f"%%qwen --with {figure} --max-new-tokens 3\nWhat does this plot show?")
     assert reply["content"]["status"] == "ok", messages
-    messages, _ = execute(client, "print(sorted(set(_sizes)))")  # opened to count its tokens, and for the model's inputs
+    messages, _ = execute(client, "print(_sizes)")  # the picture the processor was given, decoded once (counted and sent)
     assert stdout(messages).strip() == str([size])
     messages, _ = execute(client, "%qwen_history --json")
     sent = json.loads(stdout(messages))[0]
