@@ -132,8 +132,26 @@ def methods(weights, x, dtype):
     yield "dequantize + matmul", lambda i: torch.nn.functional.linear(x, F.dequantize_4bit(weights[i][0], weights[i][1]).to(dtype))
     yield "qwen_magic nf4", lambda i: nf4.matvec(x, weights[i][0], weights[i][1])
     n, k = (int(v) for v in weights[0][1].shape)
-    plain = nf4.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)._replace(x_pairs=False, gather_asm=False)
+    triton_cfg = nf4.config(n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    if dtype == torch.float16:  # the default is the float16 kernel (nf4_half): the Triton one for comparison
+        yield "qwen_magic nf4 triton", lambda i: nf4.matvec(x, weights[i][0], weights[i][1], cfg=triton_cfg)
+    plain = triton_cfg._replace(x_pairs=False, gather_asm=False)
     yield "qwen_magic nf4 plain loads", lambda i: nf4.matvec(x, weights[i][0], weights[i][1], cfg=plain)
+
+
+def half_sweep_configs(n, k):
+    from qwen_magic.kernels.nf4_half import HalfConfig
+
+    configs = []
+    words = k // 8
+    for rows, warps, per_thread, splits in itertools.product((2, 4, 8), (1, 2, 4), (4, 8), (1, 2, 4)):
+        step = per_thread * 32 * warps
+        if step > words or (splits > 1 and -(-words // step) < splits) or rows * per_thread > 32:
+            continue
+        if -(-n // rows) * splits < 132 // 2 or -(-n // rows) * splits > 40 * 132:
+            continue
+        configs.append(HalfConfig(rows=rows, per_thread=per_thread, num_warps=warps, splits=splits))
+    return configs
 
 
 def sweep_configs(n, k):
@@ -259,7 +277,28 @@ def main():
                     print(f"  {name:<28} failed: {result['error']}")
                     traceback.print_exc(limit=2)
                 entry["results"][name] = result
-            if args.sweep and reason is None:
+            if args.sweep and reason is None and dtype == torch.float16:  # the float16 kernel's tiles
+                from qwen_magic.kernels.nf4_half import half_config
+
+                best, sweep_deadline = None, time.time() + per_shape
+                for cfg in [half_config(n, k, sms)] + half_sweep_configs(n, k):
+                    if time.time() > sweep_deadline:
+                        print("  sweep: out of time")
+                        break
+                    try:
+                        seconds, how = time_calls(lambda i, cfg=cfg: nf4.matvec(x, weights[i % copies][0], weights[i % copies][1], cfg=cfg), max(copies, 20), trials=5)
+                    except Exception as error:
+                        print(f"  sweep {cfg}: {error.__class__.__name__}: {str(error)[:120]}")
+                        continue
+                    print(f"  sweep {seconds * 1e6:7.1f} us {nbytes / seconds / 1e9:6.0f} GB/s {how} {cfg}")
+                    if how == "graph" and (best is None or seconds < best[0]):
+                        best = (seconds, cfg)
+                if best:
+                    seconds, cfg = best
+                    entry["results"]["qwen_magic nf4 (best of sweep)"] = dict(us=seconds * 1e6, GBps=nbytes / seconds / 1e9, how="graph", config=cfg._asdict())
+                    tuned[(n, k)] = cfg
+                    print(f"  {'best of sweep':<28} {seconds * 1e6:8.1f} us  {nbytes / seconds / 1e9:7.0f} GB/s  {cfg}")
+            elif args.sweep and reason is None:
                 best, sweep_deadline = None, time.time() + per_shape
                 for cfg in [nf4.config(n, k, sms)] + sweep_configs(n, k):  # the heuristic's pick first
                     if time.time() > sweep_deadline:
@@ -313,8 +352,8 @@ def main():
                 cells.append(f"{result['us']:.1f} µs · {result['GBps']:.0f} GB/s")
         lines.append(f"| {entry['model']} | {entry['layer']} | {entry['N']} × {entry['K']} | {entry['bytes'] / 1e6:.1f} | " + " | ".join(cells) + " |")
     if tuned:
-        lines += ["", "Sweep winners (paste into qwen_magic/kernels/nf4.py's TUNED for this card):", "", "```python"]
-        lines += [f"    ({n}, {k}): Config(block_n={c.block_n}, block_k={c.block_k}, splits={c.splits}, num_warps={c.num_warps}, num_stages={c.num_stages}, x_pairs={c.x_pairs}, gather_asm={c.gather_asm})," for (n, k), c in tuned.items()]
+        lines += ["", "Sweep winners (paste into TUNED of qwen_magic/kernels/nf4_half.py for float16, else nf4.py, for this card):", "", "```python"]
+        lines += [f"    ({n}, {k}): {c!r}," for (n, k), c in tuned.items()]
         lines += ["```"]
     markdown = "\n".join(lines) + "\n"
     print(markdown)

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from qwen_magic.kernels import nf4_half
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -69,17 +71,56 @@ def test_qwen_shapes(n, k, dtype):
     dtype = getattr(torch, dtype)
     for nested in (False, True):
         packed, state = quantized(n, k, nested)
-        x = torch.randn(1, k, device="cuda", dtype=dtype)
-        bias = torch.randn(n, device="cuda", dtype=dtype) if n == 512 else None  # Qwen2's k/v carry a bias
+        generator = torch.Generator(device="cuda").manual_seed(n + k)
+        x = torch.randn(1, k, device="cuda", dtype=dtype, generator=generator)
+        bias = torch.randn(n, device="cuda", dtype=dtype, generator=generator) if n == 512 else None  # Qwen2's k/v carry a bias
         ref, size = reference(x, packed, state, bias, dtype)
         y = nf4.matvec(x, packed, state, bias=bias)
         assert y.shape == (1, n) and y.dtype == dtype
-        assert_close(y, ref, size, dtype)
+        if dtype == torch.float16:  # the float16 kernel: bitsandbytes' float16 arithmetic (checked exactly below)
+            half, half_size = nf4_half.bnb_arithmetic(x, packed, state, bias)
+            assert_half(y, half, half_size)
+            # against the float32-dequantized weight: each product rounded up to three times (code, scale, x)
+            error = (y.double().reshape(-1) - ref).abs()
+            assert bool((error <= 2.0 ** -10 * ref.abs() + 3 * 2.0 ** -11 * size + 1e-6).all())
+        else:
+            assert_close(y, ref, size, dtype)
         # bitsandbytes' own batch-1 product (gemv_4bit), which may round inside its sum: a looser check
         theirs = bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=bias).double().reshape(-1)
         eps = {torch.float32: 1e-4, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
         error = (y.double().reshape(-1) - theirs).abs()
         assert bool((error <= 2 * eps * ref.abs() + eps * size + 1e-6).all()), f"max difference from bnb.matmul_4bit {error.max().item():.3g}"
+
+
+def assert_half(y, reference, size):
+    """The float16 kernel against its arithmetic done by PyTorch: only the output's float16 rounding and
+    the float32 summation order may differ."""
+    error = (y.double().reshape(-1) - reference).abs()
+    limit = 2.0 ** -10 * reference.abs() + 2.0 ** -16 * size + 1e-6
+    assert bool((error <= limit).all()), f"max error {error.max().item():.3g}, worst ratio {(error / limit).max().item():.3g}"
+
+
+HALF_CONFIGS = [(4, 4, 1), (1, 1, 1), (2, 2, 3), (8, 4, 2), (4, 1, 4), (1, 8, 1)]
+
+
+@pytest.mark.parametrize("cfg", HALF_CONFIGS, ids=[f"r{r}-w{w}-s{s}" for r, w, s in HALF_CONFIGS])
+@pytest.mark.parametrize("n,k", [(512, 3584), (3584, 18944), (100, 1088)], ids=["kv", "down", "ragged"])
+def test_half_kernel_tiles(n, k, cfg):
+    """The float16 kernel over tile shapes, K splits, rows and K that do not fill a tile, nested or not, with a bias."""
+    from qwen_magic.kernels import nf4
+
+    rows, warps, splits = cfg
+    for nested in (False, True):
+        packed, state = quantized(n, k, nested, seed=n + k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        bias = torch.randn(n, device="cuda", dtype=torch.float16)
+        y = nf4.matvec(x, packed, state, bias=bias, cfg=nf4_half.HalfConfig(rows=rows, num_warps=warps, splits=splits))
+        assert y.shape == (1, n) and y.dtype == torch.float16
+        assert_half(y, *nf4_half.bnb_arithmetic(x, packed, state, bias))
+
+
+def test_half_check_passes():
+    assert nf4_half.check(torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("variant", [(True, True), (True, False), (False, True), (False, False)],
@@ -144,15 +185,16 @@ def test_patch_on_gpu(compute):
         expected = model(x)
     restore = nf4.patch(model)
     calls = []
-    original = nf4.Plan.__call__
+    kind = nf4_half.HalfPlan if compute == torch.float16 else nf4.Plan  # the float16 kernel for float16 compute
+    original = kind.__call__
     try:
-        nf4.Plan.__call__ = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+        kind.__call__ = lambda *a, **kw: calls.append(1) or original(*a, **kw)
         with torch.no_grad(), decoding():  # as in a fast engine's decode step (with an engine open, only there)
             y = model(x)
             rows = model(torch.randn(2, 256, device="cuda", dtype=compute))
         assert len(calls) == 2 and rows.shape == (2, 256)
         assert torch.allclose(y.float(), expected.float(), rtol=3e-2, atol=3e-2 * expected.abs().max().item())
     finally:
-        nf4.Plan.__call__ = original
+        kind.__call__ = original
         restore()
     assert not any(nf4.is_patched(m) for m in model.modules())

@@ -303,3 +303,56 @@ def test_compiles_for_t4_and_h100(capability):
         ptx = kernel.asm["ptx"]
         # byte loads only for nested blocks' uint8 absmax (a few a thread); the weight (16 bytes a thread) comes 8 or 16 at a time
         assert ptx.count("ld.global.b8") <= 4 * int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)
+
+
+def compile_half_for(capability, nested, split):
+    """The float16 kernel (Gluon) compiled ahead of time for a CUDA target."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from qwen_magic.kernels import _nf4_half
+
+    signature = dict(x_ptr="*fp16", w_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", code2_ptr="*fp32", absmax2_ptr="*fp32",
+                     offset_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp32" if split else "*fp16", N="i32", KW="i32", w_split="i32",
+                     **{name: "i32" for name in ("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3")})
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, SPLIT=split, R=4, U=4, STEPS=3)
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(index,): [["tt.divisibility", 16]] for index in range(11)}  # what a launch with Qwen's shapes specializes on
+    source = GluonASTSource(fn=_nf4_half.matvec_half_kernel, signature=signature, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=2))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernel (not the interpreter's)")
+@pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
+def test_half_kernel_compiles_for_t4_and_h100(capability):
+    """The float16 kernel builds for sm_75 as for sm_90; in its loop each thread loads the weight and x with 16-byte
+    loads and nothing goes through shared memory (the point of writing it in Gluon); one table lookup a word half."""
+    import re
+
+    try:
+        compiled = [compile_half_for(capability, nested, split) for nested, split in [(False, False), (True, True)]]
+    except (ImportError, TypeError, AttributeError) as error:  # a triton without Gluon, or another compile API
+        pytest.skip(f"Gluon ahead-of-time compile unavailable: {error}")
+    for kernel in compiled:
+        ptx = kernel.asm["ptx"]
+        loop = ptx[ptx.find("Inner Loop"):]
+        loop = loop[:loop.find("bra")]
+        assert loop.count("ld.global.v4.b32") >= 8  # 4 rows of weight words + x, each 16 bytes
+        assert not re.search(r"(ld|st)\.shared|bar\.sync", loop)
+        assert loop.count("prmt.b32") == 4 * 4 * 16  # rows x words x (8 lookups + 2 interleaves per half word)
+
+
+def test_half_table_words_hold_the_table():
+    """The eight table words carry each code's float16 bits: low bytes in the first four, high bytes in the last four."""
+    import numpy
+
+    from qwen_magic.kernels import _nf4_half
+
+    code = numpy.linspace(-1, 1, 16, dtype=numpy.float32)
+    words = [w & 0xFFFFFFFF for w in _nf4_half.table_words(code)]
+    bits = code.astype(numpy.float16).view(numpy.uint16)
+    for index in range(16):
+        low = (words[index // 4] >> (8 * (index % 4))) & 0xFF
+        high = (words[4 + index // 4] >> (8 * (index % 4))) & 0xFF
+        assert (high << 8) | low == bits[index]

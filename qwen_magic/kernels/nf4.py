@@ -91,6 +91,25 @@ def available(device=None) -> Optional[str]:
     return unsupported(device)
 
 
+def check(device=None, dtype=None) -> Optional[str]:
+    """For float16 compute, run the float16 kernel (nf4_half) once; if it cannot run here, switch it off
+    (:data:`HALF`) so the Triton kernel takes its place. Returns None: the module stays usable."""
+    global HALF, HALF_NOTE
+    import torch
+
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if dtype != torch.float16 or not HALF or device.type != "cuda":
+        return None
+    from . import nf4_half
+
+    reason = nf4_half.check(device)
+    if reason:
+        HALF, HALF_NOTE = False, reason
+    return None
+
+
+HALF_NOTE = ""  # why check() switched the float16 kernel off
+
 _SM_COUNT: Dict[int, int] = {}
 
 
@@ -270,8 +289,29 @@ def _key(weight, quant_state):
     return (data.data_ptr(), id(quant_state), quant_state.absmax.data_ptr(), quant_state.code.data_ptr())
 
 
-def plan(weight, quant_state, dtype, device, cfg: Optional[Config] = None, out_dtype=None) -> Plan:
-    """A reusable :class:`Plan` for ``weight`` with inputs of ``dtype`` on ``device``."""
+# The float16 kernel (nf4_half, Gluon) for float16 compute where it reads the weight; False: this module's
+# Triton kernel for every dtype (tests; QWEN_MAGIC_NF4_HALF=0 does the same).
+HALF = True
+
+
+def _half_unsupported(quant_state, dtype, device) -> Optional[str]:
+    import os
+
+    from . import nf4_half
+
+    if not HALF or os.environ.get("QWEN_MAGIC_NF4_HALF", "1") == "0":
+        return "switched off"
+    return nf4_half.unsupported(quant_state, dtype, device)
+
+
+def plan(weight, quant_state, dtype, device, cfg=None, out_dtype=None):
+    """A reusable plan for ``weight`` with inputs of ``dtype`` on ``device``: the float16 kernel
+    (:class:`nf4_half.HalfPlan`) for float16 compute where it applies or when ``cfg`` is a ``HalfConfig``,
+    else :class:`Plan` (this module's kernel, ``cfg`` a :class:`Config`)."""
+    from . import nf4_half
+
+    if isinstance(cfg, nf4_half.HalfConfig) or (cfg is None and _half_unsupported(quant_state, dtype, device) is None):
+        return nf4_half.HalfPlan(weight, quant_state, device, cfg, out_dtype, _sm_count(device))
     return Plan(weight, quant_state, dtype, device, cfg, out_dtype)
 
 
@@ -283,13 +323,13 @@ def matvec(x, weight, quant_state, bias=None, out_dtype=None, cfg: Optional[Conf
     k = int(quant_state.shape[-1])
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"matvec takes one row of width {k}, got shape {tuple(x.shape)}")
-    product = Plan(weight, quant_state, x.dtype, x.device, cfg, out_dtype)
+    product = plan(weight, quant_state, x.dtype, x.device, cfg, out_dtype)
     y = product(_flat(x), _flat(bias) if bias is not None else None)
     return y.reshape(*x.shape[:-1], product.n)
 
 
-# Layers with more output rows keep bitsandbytes' batch-1 kernel under patch(): on an H200 (benchmarks/RESULTS.md)
-# this kernel was faster only on the narrow key/value projections (5.8 vs 7.0 us at 512 x 3584) and 2-45 % slower on
+# Layers with more output rows keep bitsandbytes' batch-1 kernel under patch() unless the float16 kernel takes them
+# (float16 compute): on an H200 (benchmarks/RESULTS.md) this module's Triton kernel was faster only on the narrow key/value projections (5.8 vs 7.0 us at 512 x 3584) and 2-45 % slower on
 # the wide ones. None: every supported layer takes it.
 PATCH_MAX_ROWS: Optional[int] = 1024
 
@@ -316,8 +356,8 @@ def _use_kernel(module, x) -> bool:
     compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return False
-    if PATCH_MAX_ROWS is not None and quant_state.shape[0] > PATCH_MAX_ROWS:
-        return False  # bitsandbytes' own kernel measured as fast or faster on the wide layers
+    if PATCH_MAX_ROWS is not None and quant_state.shape[0] > PATCH_MAX_ROWS and _half_unsupported(quant_state, compute, x.device):
+        return False  # bitsandbytes' own kernel measured as fast as the Triton one or faster on the wide layers
     return supports(weight, quant_state, x.shape[-1]) is None
 
 
