@@ -15,6 +15,9 @@ try:
 except ImportError:  # older torch: the mask cut to the filled length
     _lower_right = None
 
+# torch >= 2.5: SDPA takes fewer key/value heads than query heads (enable_gqa), also through the causal bias.
+_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
 ATTENTION = "qwen_magic_gqa"
 
@@ -55,8 +58,12 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         if getattr(module, "sliding_window", None) is None and not dropout and not heads % kv_heads and _lower_right is not None:
             # After a cached prefix, or an earlier chunk: causal attention aligned to the last key, with no mask
             # to build or read (SDPA's flash kernel where it runs; a materialized mask elsewhere).
-            key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
-            output = F.scaled_dot_product_attention(query, key, value, attn_mask=_lower_right(length, end), scale=scaling)
+            if _GQA:  # the kernel reads each key/value head for its group of query heads (no 7x copy of the cache)
+                output = F.scaled_dot_product_attention(query, key, value, attn_mask=_lower_right(length, end), scale=scaling,
+                                                        enable_gqa=heads != kv_heads)
+            else:
+                key, value = repeat_kv(key, heads // kv_heads), repeat_kv(value, heads // kv_heads)
+                output = F.scaled_dot_product_attention(query, key, value, attn_mask=_lower_right(length, end), scale=scaling)
             return output.transpose(1, 2).contiguous(), None
         if attention_mask is not None:
             attention_mask = attention_mask[..., :end]
@@ -65,6 +72,8 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
+    if length == 1 and _decode_kernel_takes(module, query, key, value, attention_mask):
+        return _decode_kernel.attention(query, key, value, attention_mask, scale), None
     grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
     scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
     mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])
@@ -73,6 +82,22 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype)
     output = torch.matmul(weights, value).reshape(batch, heads, length, dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+_decode_kernel = None  # qwen_magic.kernels.decode, once a model's attention was marked for it
+
+
+def _decode_kernel_takes(module, query, key, value, mask) -> bool:
+    """Whether a decode step's attention goes to the Triton kernels (kernels/decode.py): only for modules
+    the engine marked (it imports that module then, so this one needs no triton)."""
+    global _decode_kernel
+    if not getattr(module, "_qwen_magic_decode_kernel", False):
+        return False
+    if _decode_kernel is None:
+        from .kernels import decode as _decode
+
+        _decode_kernel = _decode
+    return _decode_kernel.usable(module, query, key, value, mask)
 
 
 def no_plan_kernels():

@@ -38,7 +38,8 @@ from .settings import GenerationSettings
 from .split import capture_split, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
-GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely
+GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely ...
+GROWTH_MAX = 1024  # ... but at most this many positions (a long history's cache grows by a copy and a 40 ms capture)
 PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
 FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 
@@ -119,11 +120,15 @@ class FastEngine:
         """Make room for ``needed`` positions; a new cache starts empty (and needs a new graph)."""
         if needed <= self.capacity:
             return
-        capacity = _round_up(max(needed, int(needed * GROWTH) if self.capacity else needed), CAPACITY_STEP)
+        headroom = min(int(needed * (GROWTH - 1)), GROWTH_MAX) if self.capacity else 0
+        capacity = _round_up(needed + headroom, CAPACITY_STEP)
         capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
         old, old_states, kept = self.cache, self.states, list(self.cached_ids)
         self._drop_cache()
         self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        for module in self.kernels:  # decode steps write a token's keys and values with one kernel (kernels/decode.py)
+            if hasattr(module, "patch_cache"):
+                module.patch_cache(self.cache)
         self.capacity = capacity
         self.write_position = None
         if self.hybrid:

@@ -165,8 +165,14 @@ def forced(model, tokenizer, prompt, continuation, **options):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_patched_decode_step_in_a_cuda_graph_equals_eager(fused, tmp_path, family, dtype):
-    """The fast engine's captured decode step, patched, against its eager step unpatched (teacher forcing)."""
-    from test_fast import relative_error
+    """The fast engine's captured decode step, patched, against its eager step unpatched (teacher forcing).
+
+    The graph also takes the decode-attention kernel (kernels/decode.py), whose scores stay in float32 as
+    SDPA's (the recipe's attention) do, where the unpatched eager step rounds them to the model's dtype as
+    transformers' eager attention does: in bfloat16 that rounding alone moves the logits by several percent.
+    So in half precision the graph must be no further from a plain forward (the recipe's arithmetic) than
+    the unpatched eager step is (or within the dtype's tolerance)."""
+    from test_fast import reference_logits, relative_error
 
     model, tokenizer = load_tiny(tmp_path, family, dtype)
     prompt, continuation = list(range(3, 40, 2)), [7, 11, 13, 17, 19, 23, 29, 31]
@@ -176,15 +182,20 @@ def test_patched_decode_step_in_a_cuda_graph_equals_eager(fused, tmp_path, famil
     try:
         got, graphed = forced(model, tokenizer, prompt, continuation, use_graph=True)
         assert graphed
-        patched_eager, _ = forced(model, tokenizer, prompt, continuation, use_graph=False)
+        patched_eager, _ = forced(model, tokenizer, prompt, continuation, use_graph=False, kernels=True)  # the graph's kernels, eager
     finally:
         restore()
+    reference = reference_logits(model, prompt, continuation).float()
     error = relative_error(got, expected)
     print(f"{family} {dtype}: graph patched vs eager unpatched {error:.2e}; "
-          f"graph patched vs eager patched {relative_error(got, patched_eager):.2e}")
-    assert error < TOLERANCE[dtype]
-    assert relative_error(got, patched_eager) < TOLERANCE[dtype]
-    assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+          f"graph patched vs eager patched {relative_error(got, patched_eager):.2e}; vs a plain forward: graph "
+          f"{relative_error(got, reference):.2e}, eager unpatched {relative_error(expected, reference):.2e}")
+    if dtype == torch.float32:
+        assert error < TOLERANCE[dtype]
+        assert got.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    else:
+        assert relative_error(got, reference) <= max(1.5 * relative_error(expected, reference), TOLERANCE[dtype])
+    assert relative_error(got, patched_eager) < TOLERANCE[dtype]  # graph = eager, with the same kernels
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")

@@ -1,0 +1,197 @@
+"""One decode step's attention in two Triton kernels (``_decode_triton``), for the fast engine's graphed steps.
+
+``qwen_magic.attention.grouped_attention`` does a decode step's attention with PyTorch's operations
+(a grouped matmul, the mask's inversion and fill, a softmax, a cast, a second matmul, a transpose: about
+eight kernels a layer, over the whole static cache). :func:`attention` does the same step in two kernels
+that read only the positions the mask allows: scores and the softmax in float32 (eager attention rounds
+the scores to the model's dtype first; SDPA, the recipe's attention, keeps them in float32), the weights
+rounded to the model's dtype for the product with the values, as eager attention does.
+
+:func:`patch` marks a model's causal attention modules; ``grouped_attention`` sends a one-token query of
+a marked module here while the engine's decode steps run (``qwen_magic.kernels.allowed()``), when
+:func:`usable` accepts the tensors. Nothing else changes.
+"""
+
+from typing import Callable, Optional
+
+import torch
+
+from . import allowed
+from .device import on, unsupported
+
+_MARK = "_qwen_magic_decode_kernel"
+BLOCK = 64  # cache positions a program
+_kernels = None
+FORCE_CPU = False  # tests: take CPU tensors too (through Triton's interpreter, TRITON_INTERPRET=1)
+
+
+def _device_ok(tensor) -> bool:
+    return tensor.is_cuda or (FORCE_CPU and tensor.device.type == "cpu")
+
+
+def available(device=None) -> Optional[str]:
+    return unsupported(device)
+
+
+def _build():
+    global _kernels
+    if _kernels is None:
+        from . import _decode_triton
+
+        _kernels = _decode_triton
+    return _kernels
+
+
+def usable(module, query, key, value, mask) -> bool:
+    """Whether this call can take the kernels: a marked module, inside a decode step, one query token on
+    CUDA in float16 or bfloat16, heads a multiple of the key/value heads, a boolean mask over the cache."""
+    if not getattr(module, _MARK, False) or not allowed():
+        return False
+    if not _device_ok(query) or query.dtype not in (torch.float16, torch.bfloat16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    if query.dim() != 4 or query.shape[0] != 1 or query.shape[2] != 1 or key.shape[0] != 1 or query.shape[1] % key.shape[1]:
+        return False
+    if key.shape[-1] != query.shape[-1] or value.shape[-1] != query.shape[-1] or value.shape[2] != key.shape[2] or query.shape[-1] > 256:
+        return False
+    if key.stride(-1) != 1 or value.stride(-1) != 1 or query.stride(-1) != 1:
+        return False
+    if mask is None or mask.dtype != torch.bool or mask.shape[-1] != key.shape[2] or mask.shape[-2] != 1 or mask.numel() != mask.shape[-1]:
+        return False
+    return True
+
+
+def attention(query, key, value, mask, scaling: float) -> torch.Tensor:
+    """``query`` (1, H, 1, D), ``key``/``value`` (1, KVH, S, D) (the static cache), ``mask`` (.., 1, S) boolean
+    (True: attend) -> the output as attention interfaces return it, (1, 1, H, D)."""
+    k = _build()
+    heads, dim = query.shape[1], query.shape[-1]
+    kv_heads, length = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    chunks = -(-length // BLOCK)
+    dim_padded = max(16, 1 << (dim - 1).bit_length())
+    group_padded = max(16, 1 << (group - 1).bit_length())
+    device = query.device
+    parts = kv_heads * chunks * group
+    top = torch.empty(parts, dtype=torch.float32, device=device)
+    total = torch.empty(parts, dtype=torch.float32, device=device)
+    acc = torch.empty(parts * dim, dtype=torch.float32, device=device)
+    out = torch.empty((1, 1, heads, dim), dtype=query.dtype, device=device)
+    with on(device):
+        k.partial_kernel[(kv_heads, chunks)](
+            query, key, value, mask, top, total, acc,
+            query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2), mask.stride(-1), length, float(scaling),
+            G=group, GP=group_padded, D=dim, DP=dim_padded, BLOCK=BLOCK, CHUNKS=chunks, num_warps=4)
+        k.combine_kernel[(heads,)](top, total, acc, out, G=group, D=dim, DP=dim_padded, CHUNKS=chunks,
+                                   CB=min(256, 1 << max(0, (chunks - 1).bit_length())), PB=16, num_warps=4)
+    return out
+
+
+def check(device=None, dtype=torch.float16) -> Optional[str]:
+    """Run the kernels once against PyTorch's attention over a masked cache; None when they agree."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    reason = available(device)
+    if reason:
+        return reason
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.float16  # usable() takes only half-precision steps; check the kernels in float16
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        query = torch.randn(1, 8, 1, 64, device=device, generator=generator).to(dtype)
+        key = torch.randn(1, 2, 200, 64, device=device, generator=generator).to(dtype)
+        value = torch.randn(1, 2, 200, 64, device=device, generator=generator).to(dtype)
+        mask = torch.zeros(1, 1, 1, 200, dtype=torch.bool, device=device)
+        mask[..., :150] = True
+        out = attention(query, key, value, mask, 0.125).float()
+        keys, values = key.float().repeat_interleave(4, dim=1), value.float().repeat_interleave(4, dim=1)
+        scores = (query.float() @ keys.transpose(-1, -2)) * 0.125
+        expected = (scores.masked_fill(~mask, float("-inf")).softmax(-1) @ values).transpose(1, 2)
+        ok = torch.allclose(out, expected, rtol=2e-2, atol=2e-2)
+    except Exception as error:
+        return f"the decode attention kernel failed to run: {type(error).__name__}: {error}".splitlines()[0][:300]
+    return None if ok else "the decode attention kernel disagrees with PyTorch's attention"
+
+
+# transformers' StaticLayer.update, as :func:`patch_cache` reproduces it (compared without comments and
+# whitespace; another release's code is left alone).
+_STATIC_UPDATE = """
+if not self.is_initialized:
+    self.lazy_initialization(key_states, value_states)
+kv_length = key_states.shape[-2]
+cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
+self.cumulative_length.add_(kv_length)
+try:
+    self.keys.index_copy_(2, cache_position, key_states)
+    self.values.index_copy_(2, cache_position, value_states)
+except NotImplementedError:
+    self.keys[:, :, cache_position] = key_states
+    self.values[:, :, cache_position] = value_states
+return self.keys, self.values
+"""
+
+
+def _update_verified(layer_class) -> bool:
+    from . import fused  # noqa: F401 (fused_patch is imported through fused)
+    from .fused_patch import _body, _squash
+
+    return _body(layer_class.update) == _squash(_STATIC_UPDATE)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def patch_cache(cache) -> int:
+    """Give each ``StaticLayer`` of ``cache`` (a static cache the engine owns) an ``update`` that writes one
+    token's keys and values with one kernel during decode steps (:func:`cache_write_kernel`); anything else
+    (prefill chunks, other layer kinds, outside decode steps) keeps transformers' own. Returns how many layers."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return 0
+    count = 0
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not StaticLayer or not _update_verified(StaticLayer):
+            continue
+        layer.update = _cache_update(layer, layer.update)
+        count += 1
+    return count
+
+
+def _cache_update(layer, original):
+    def update(key_states, value_states, *args, **kwargs):
+        counter = getattr(layer, "cumulative_length", None)
+        if (not allowed() or not getattr(layer, "is_initialized", False) or key_states.shape[-2] != 1 or key_states.shape[0] != 1
+                or not _device_ok(key_states) or not isinstance(counter, torch.Tensor) or counter.numel() != 1
+                or key_states.dtype != layer.keys.dtype or value_states.dtype != layer.values.dtype
+                or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or layer.keys.stride(-1) != 1 or layer.values.stride(-1) != 1):
+            return original(key_states, value_states, *args, **kwargs)
+        k = _build()
+        heads, dk, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+        with on(key_states.device):
+            k.cache_write_kernel[(1,)](
+                key_states, value_states, layer.keys, layer.values, counter, layer.keys.shape[2],
+                key_states.stride(1), value_states.stride(1), layer.keys.stride(1), layer.keys.stride(2),
+                layer.values.stride(1), layer.values.stride(2),
+                HEADS=heads, HP=_pow2(heads), DK=dk, DKP=_pow2(dk), DV=dv, DVP=_pow2(dv), num_warps=4)
+        return layer.keys, layer.values
+
+    update._qwen_magic_original = original
+    return update
+
+
+def patch(model) -> Callable[[], None]:
+    """Mark ``model``'s causal self-attention modules (those with ``is_causal`` and a ``layer_idx``) for
+    :func:`attention`; returns the function that removes the marks."""
+    marked = []
+    for module in model.modules():
+        if getattr(module, "is_causal", False) and hasattr(module, "layer_idx") and not getattr(module, _MARK, False):
+            setattr(module, _MARK, True)
+            marked.append(module)
+
+    def restore():
+        while marked:
+            module = marked.pop()
+            if getattr(module, _MARK, False):
+                delattr(module, _MARK)
+
+    return restore

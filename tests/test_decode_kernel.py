@@ -1,0 +1,158 @@
+"""The decode-step attention kernels (qwen_magic.kernels.decode) against PyTorch's attention, on the CPU
+through Triton's interpreter (a child pytest with TRITON_INTERPRET=1, as tests/test_fused.py explains);
+and the routing: only marked modules, one query token, inside decode steps.
+
+What is asserted: the kernels' output equals float64 attention over the positions the mask allows
+(scores and softmax exact, the weights rounded to the model's dtype for the product with the values, as
+the kernel and eager attention both do) within the dtype's rounding of the output; positions the mask
+forbids have no effect, even when they hold inf/NaN (they are not read); every chunk count and a group
+size that is not a power of two (Qwen2.5-7B: 7 query heads a key/value head), head sizes 64, 128, 256.
+The GPU run of the same kernels inside a model: tests/test_gpu_fused.py.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CHILD = os.environ.get("QWEN_MAGIC_DECODE_CHILD") == "1"
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+child_only = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child")
+
+
+@pytest.mark.skipif(CHILD, reason="the parent's launcher")
+def test_kernels_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", QWEN_MAGIC_DECODE_CHILD="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
+        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def reference(query, key, value, mask, scale):
+    """float64 attention; the softmax weights rounded to the inputs' dtype before the product with the values."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    keys = key.double().repeat_interleave(heads // kv_heads, dim=1)
+    values = value.double().repeat_interleave(heads // kv_heads, dim=1)
+    scores = (query.double() @ keys.transpose(-1, -2)) * scale
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights.to(query.dtype).double() @ values).transpose(1, 2), weights
+
+
+CASES = [  # heads, kv heads, head size, cache length, filled
+    (28, 4, 128, 300, 257),  # Qwen2.5-7B's grouping, several chunks, the last one partly filled
+    (8, 2, 64, 64, 1),  # one position
+    (4, 4, 256, 130, 130),  # no grouping, a full cache, head size 256 (Qwen3.5)
+    (32, 8, 128, 1000, 700),
+]
+
+
+@child_only
+@pytest.mark.parametrize("dtype", [torch.float16], ids=["float16"])  # the interpreter's tl.dot mistakes bfloat16 (GPU: test_gpu_fused)
+@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-kv{c[1]}-d{c[2]}-s{c[3]}-f{c[4]}" for c in CASES])
+def test_matches_attention(case, dtype):
+    from qwen_magic.kernels import decode
+
+    heads, kv_heads, dim, length, filled = case
+    generator = torch.Generator().manual_seed(length)
+    query = torch.randn(1, heads, 1, dim, generator=generator).to(dtype)
+    key = torch.randn(1, kv_heads, length, dim, generator=generator).to(dtype)
+    value = torch.randn(1, kv_heads, length, dim, generator=generator).to(dtype)
+    key[:, :, filled:] = float("nan")  # never written: the mask keeps them out, and they are not read
+    value[:, :, filled:] = float("inf")
+    mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+    mask[..., :filled] = True
+    scale = dim ** -0.5
+    out = decode.attention(query, key, value, mask, scale)
+    assert out.shape == (1, 1, heads, dim) and out.dtype == dtype
+    expected, weights = reference(query, key.nan_to_num(0, 0, 0), value.nan_to_num(0, 0, 0), mask, scale)
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    # the output's rounding, plus the weights' rounding taken at another scale (the kernel rounds un-normalized
+    # chunk weights, p <= 1, the reference the normalized ones): at most one rounding of each weight apart
+    size = (weights.double() @ value.nan_to_num(0, 0, 0).double().abs().repeat_interleave(heads // kv_heads, dim=1)).transpose(1, 2)
+    error = (out.double() - expected).abs()
+    assert bool((error <= eps * expected.abs() + 2 * eps * size + 1e-6).all()), f"max error {error.max().item():.3g}"
+
+
+@child_only
+def test_routing(monkeypatch):
+    """grouped_attention sends a query to the kernels only for a marked module, one token, inside decoding()."""
+    from qwen_magic import attention as routing
+    from qwen_magic.kernels import decode, decoding
+
+    calls = []
+    monkeypatch.setattr(decode, "attention", lambda *args: calls.append(args) or torch.zeros(1, 1, 4, 16))
+
+    class Attention(torch.nn.Module):
+        is_causal = True
+        layer_idx = 0
+
+    module = Attention()
+    restore = decode.patch(module)
+    query, key = torch.randn(1, 4, 1, 16).half(), torch.randn(1, 2, 32, 16).half()
+    mask = torch.ones(1, 1, 1, 32, dtype=torch.bool)
+    # CPU tensors: usable() refuses them (CUDA only), so force the check the engine's decode steps pass on a GPU
+    monkeypatch.setattr(decode, "usable", lambda *args: True)
+    with decoding():
+        routing.grouped_attention(module, query, key, key, mask)
+    assert len(calls) == 1
+    routing.grouped_attention(module, torch.randn(1, 4, 2, 16).half(), key, key, torch.ones(1, 1, 2, 32, dtype=torch.bool))
+    assert len(calls) == 1  # two query tokens: the grouped PyTorch path
+    restore()
+    assert not getattr(module, decode._MARK, False)
+    with decoding():
+        routing.grouped_attention(module, query, key, key, mask)
+    assert len(calls) == 1  # unmarked: the PyTorch path
+
+
+def test_usable_refuses_what_it_cannot_take():
+    from qwen_magic.kernels import decode
+
+    class Attention(torch.nn.Module):
+        is_causal = True
+        layer_idx = 0
+
+    module = Attention()
+    decode.patch(module)
+    query, key = torch.randn(1, 4, 1, 16).half(), torch.randn(1, 2, 32, 16).half()
+    mask = torch.ones(1, 1, 1, 32, dtype=torch.bool)
+    assert not decode.usable(module, query, key, key, mask)  # CPU tensors
+    assert not decode.usable(Attention(), query, key, key, mask)  # not marked
+
+
+@child_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+def test_cache_write_equals_transformers_update(monkeypatch, dtype):
+    """A decode step's keys and values written by the kernel land where StaticLayer.update puts them, the
+    counter moves the same way; a prefill chunk (several tokens) and calls outside decode steps keep the stock update."""
+    from transformers.cache_utils import StaticLayer
+
+    from qwen_magic.kernels import decode, decoding
+
+    monkeypatch.setattr(decode, "FORCE_CPU", True)
+    generator = torch.Generator().manual_seed(1)
+    random = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
+    ours, stock = StaticLayer(max_cache_len=16), StaticLayer(max_cache_len=16)
+    patched = decode._cache_update(ours, ours.update)
+    prefill_k, prefill_v = random(1, 2, 5, 8), random(1, 2, 5, 8)
+    patched(prefill_k, prefill_v)  # several tokens: the stock update (it initializes the layer)
+    stock.update(prefill_k, prefill_v)
+    calls = []
+    kernel = decode._build().cache_write_kernel
+    monkeypatch.setattr(decode._build(), "cache_write_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (calls.append(grid), kernel[grid])[1]})())
+    for step in range(3):
+        k, v = random(1, 2, 1, 8).transpose(1, 2).contiguous().transpose(1, 2), random(1, 2, 1, 8)  # a transposed view, as q/k/v are
+        with decoding():
+            keys, values = patched(k, v)
+        expected_keys, expected_values = stock.update(k, v)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+        assert int(ours.cumulative_length) == int(stock.cumulative_length) == 6 + step
+    assert len(calls) == 3
+    patched(random(1, 2, 1, 8), random(1, 2, 1, 8))  # outside decoding() while no engine holds kernels: allowed, kernel
+    assert len(calls) == 4
