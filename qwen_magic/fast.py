@@ -39,7 +39,7 @@ from .split import capture_split, decoder_for
 
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely ...
-GROWTH_MAX = 1024  # ... but at most this many positions (a long history's cache grows by a copy and a 40 ms capture)
+GROWTH_MAX = 512  # ... but at most this many positions (a long history's cache grows again by a copy and a ~40 ms capture)
 PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
 FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 

@@ -139,7 +139,7 @@ def test_cache_write_equals_transformers_update(monkeypatch, dtype):
     generator = torch.Generator().manual_seed(1)
     random = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
     ours, stock = StaticLayer(max_cache_len=16), StaticLayer(max_cache_len=16)
-    patched = decode._cache_update(ours, ours.update)
+    patched = decode._cache_update(ours, StaticLayer.update)
     prefill_k, prefill_v = random(1, 2, 5, 8), random(1, 2, 5, 8)
     patched(prefill_k, prefill_v)  # several tokens: the stock update (it initializes the layer)
     stock.update(prefill_k, prefill_v)
@@ -156,3 +156,25 @@ def test_cache_write_equals_transformers_update(monkeypatch, dtype):
     assert len(calls) == 3
     patched(random(1, 2, 1, 8), random(1, 2, 1, 8))  # outside decoding() while no engine holds kernels: allowed, kernel
     assert len(calls) == 4
+
+
+def test_patched_cache_is_freed_without_the_collector():
+    """patch_cache leaves no reference cycle: a dropped cache's memory goes at once (as the engine relies on when it
+    replaces a cache), not at the next garbage collection."""
+    import gc
+    import weakref
+
+    from transformers.cache_utils import StaticLayer
+
+    from qwen_magic.kernels import decode
+
+    layer = StaticLayer(max_cache_len=8)
+    layer.update = decode._cache_update(layer, StaticLayer.update)
+    layer.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
+    gone = weakref.ref(layer.keys)
+    gc.disable()
+    try:
+        del layer
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -99,13 +99,17 @@ _CONSTRAINTS = gl.constexpr(",".join(["=r"] + ["r"] * 15))
 
 @gluon.jit
 def _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, row_ok, cols, xcols, quarter, first, end, KW,
-               L: gl.constexpr, WB: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr):
+               srows64, srow_ok, scols, L: gl.constexpr, L3: gl.constexpr, U: gl.constexpr, WB: gl.constexpr,
+               BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, STREAM: gl.constexpr):
     """One step's operands: the ``[R, CW]`` words, the four ``half2`` of x per word (broadcast over the rows)
     and the float16 scale of each word's block as ``half2``."""
     w = first + cols
     w2 = gl.expand_dims(w, 0)
     mask = gl.expand_dims(w < end, 0) & row_ok
-    packed = gl.load(words + rows64 * KW + w2, mask=mask, other=0)
+    if STREAM:  # read once: keep the weight out of L1 (x and the scales stay)
+        packed = gl.load(words + rows64 * KW + w2, mask=mask, other=0, eviction_policy="evict_first")
+    else:
+        packed = gl.load(words + rows64 * KW + w2, mask=mask, other=0)
     xw = first + xcols
     xt = gl.load(x4 + gl.expand_dims(4 * xw, 1) + quarter, mask=gl.expand_dims(xw < end, 1), other=0)
     x02, x13 = gl.split(gl.reshape(xt, [xt.shape[0], 2, 2]))
@@ -115,21 +119,28 @@ def _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, ro
     xb = gl.broadcast(gl.expand_dims(gl.convert_layout(xb, gl.SliceLayout(0, L)), 0), packed)[0]
     xc = gl.broadcast(gl.expand_dims(gl.convert_layout(xc, gl.SliceLayout(0, L)), 0), packed)[0]
     xd = gl.broadcast(gl.expand_dims(gl.convert_layout(xd, gl.SliceLayout(0, L)), 0), packed)[0]
-    block = (rows64 * KW + w2) // WB
+    # one scale per row and thread (a thread's U words lie in one block): [R, threads], then spread over the words
+    sw = first + scols * U
+    smask = gl.expand_dims(sw < end, 0) & srow_ok
+    block = (srows64 * KW + gl.expand_dims(sw, 0)) // WB
     if NESTED:
-        a8 = gl.load(absmax_ptr + block, mask=mask, other=0).to(gl.int32)
-        scale = gl.load(code2_ptr + a8) * gl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0) + offset
+        a8 = gl.load(absmax_ptr + block, mask=smask, other=0).to(gl.int32)
+        scale = gl.load(code2_ptr + a8) * gl.load(absmax2_ptr + block // BLOCKSIZE2, mask=smask, other=0.0) + offset
     else:
-        scale = gl.load(absmax_ptr + block, mask=mask, other=0.0).to(gl.float32)
+        scale = gl.load(absmax_ptr + block, mask=smask, other=0.0).to(gl.float32)
     s16 = scale.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    return packed, xa, xb, xc, xd, s16 | (s16 << 16)
+    s3 = gl.expand_dims(s16 | (s16 << 16), 2)
+    s3 = gl.broadcast(s3, gl.full([s3.shape[0], s3.shape[1], U], 0, gl.int32, L3))[0]
+    s2 = gl.convert_layout(gl.reshape(s3, [s3.shape[0], s3.shape[1] * U]), L)
+    return packed, xa, xb, xc, xd, s2
 
 
 @gluon.jit
 def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
                        N, KW, w_split, l0, l1, l2, l3, h0, h1, h2, h3,
                        BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr, STEPS: gl.constexpr):
+                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr, STEPS: gl.constexpr,
+                       STREAM: gl.constexpr = False, LOADS_ONLY: gl.constexpr = False):
     """``R`` rows a program; each thread holds ``U`` consecutive words of each row (one vector load a row), the
     threads of the program cover ``CW`` words a step; ``w_split`` words of K a program (``pid 1``). The next
     step's loads are issued before this step's arithmetic (registers double-buffered), so memory stays busy."""
@@ -138,9 +149,15 @@ def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_
     LX: gl.constexpr = gl.BlockedLayout([U, 4], [32, 1], [W, 1], [1, 0])  # x: a word's four half2, per thread
     CW: gl.constexpr = U * 32 * W
     WB: gl.constexpr = BLOCKSIZE // 8  # words per quantization block
+    L3: gl.constexpr = gl.BlockedLayout([R, 1, U], [1, 32, 1], [1, W, 1], [2, 1, 0])  # a thread's words, per thread
+    LS: gl.constexpr = gl.SliceLayout(2, L3)  # one scale per row and thread
     rows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
     row_ok = gl.expand_dims(rows < N, 1)
     rows64 = gl.expand_dims(rows.to(gl.int64), 1)
+    srows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, LS))
+    srow_ok = gl.expand_dims(srows < N, 1)
+    srows64 = gl.expand_dims(srows.to(gl.int64), 1)
+    scols = gl.arange(0, CW // U, layout=gl.SliceLayout(0, LS))
     words = w_ptr.cast(gl.pointer_type(gl.int32), bitcast=True)
     x4 = x_ptr.cast(gl.pointer_type(gl.int32), bitcast=True)
     cols = gl.arange(0, CW, layout=gl.SliceLayout(0, L))
@@ -161,14 +178,17 @@ def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_
     start = gl.program_id(1) * w_split
     end = gl.minimum(start + w_split, KW)
     packed, xa, xb, xc, xd, s2 = _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, row_ok, cols, xcols,
-                                            quarter, start, end, KW, L, WB, BLOCKSIZE2, NESTED)
+                                            quarter, start, end, KW, srows64, srow_ok, scols, L, L3, U, WB, BLOCKSIZE2, NESTED, STREAM)
     for step in range(0, STEPS):
         # the next step's operands (masked off past the slice) before this step's arithmetic
         packed_n, xa_n, xb_n, xc_n, xd_n, s2_n = _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, row_ok,
-                                                            cols, xcols, quarter, start + (step + 1) * CW, end, KW, L, WB,
-                                                            BLOCKSIZE2, NESTED)
-        acc = gl.inline_asm_elementwise(_WORD, _CONSTRAINTS, [acc, packed, xa, xb, xc, xd, s2, t0, t1, t2, t3, t4, t5, t6, t7],
-                                        dtype=gl.float32, is_pure=True, pack=1)
+                                                            cols, xcols, quarter, start + (step + 1) * CW, end, KW, srows64,
+                                                            srow_ok, scols, L, L3, U, WB, BLOCKSIZE2, NESTED, STREAM)
+        if LOADS_ONLY:  # a measurement of the memory side alone (wrong results)
+            acc += (packed ^ xa ^ xb ^ xc ^ xd ^ s2).to(gl.float32)
+        else:
+            acc = gl.inline_asm_elementwise(_WORD, _CONSTRAINTS, [acc, packed, xa, xb, xc, xd, s2, t0, t1, t2, t3, t4, t5, t6, t7],
+                                            dtype=gl.float32, is_pure=True, pack=1)
         packed, xa, xb, xc, xd, s2 = packed_n, xa_n, xb_n, xc_n, xd_n, s2_n
     y = gl.sum(acc, axis=1)
     rows_out = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))

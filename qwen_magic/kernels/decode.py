@@ -152,19 +152,26 @@ def patch_cache(cache) -> int:
     for layer in getattr(cache, "layers", ()):
         if type(layer) is not StaticLayer or not _update_verified(StaticLayer):
             continue
-        layer.update = _cache_update(layer, layer.update)
+        layer.update = _cache_update(layer, StaticLayer.update)
         count += 1
     return count
 
 
 def _cache_update(layer, original):
+    """``original``: the class's function (not the bound method, and the layer held weakly): the layer must not
+    reference itself, or a dropped cache (its keys and values) would wait for the garbage collector."""
+    import weakref
+
+    owner = weakref.ref(layer)
+
     def update(key_states, value_states, *args, **kwargs):
+        layer = owner()
         counter = getattr(layer, "cumulative_length", None)
         if (not allowed() or not getattr(layer, "is_initialized", False) or key_states.shape[-2] != 1 or key_states.shape[0] != 1
                 or not _device_ok(key_states) or not isinstance(counter, torch.Tensor) or counter.numel() != 1
                 or key_states.dtype != layer.keys.dtype or value_states.dtype != layer.values.dtype
                 or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or layer.keys.stride(-1) != 1 or layer.values.stride(-1) != 1):
-            return original(key_states, value_states, *args, **kwargs)
+            return original(layer, key_states, value_states, *args, **kwargs)
         k = _build()
         heads, dk, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
         with on(key_states.device):

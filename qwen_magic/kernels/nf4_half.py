@@ -16,16 +16,41 @@ class HalfConfig(NamedTuple):
     per_thread: int = 4  # consecutive 32-bit words a thread loads per row and step (4: one 16-byte load)
     num_warps: int = 4
     splits: int = 1  # K slices (requested; each slice a whole number of steps)
+    stream: bool = False  # load the weight past L1 (.cg, evict first): it is read once
 
 
-# Measured per (N, K) (benchmarks/bench_nf4.py --sweep; Qwen2.5-7B's shapes on an H200, 2026-11-26), checked
-# before the heuristic.
+# Measured per (N, K) (benchmarks/bench_nf4.py --sweep; Qwen2.5-7B's shapes on an H100, 2026-11-26: RESULTS.md),
+# checked before the heuristic.
 TUNED: Dict[Tuple[int, int], HalfConfig] = {
-    (3584, 3584): HalfConfig(rows=2, num_warps=2),
-    (512, 3584): HalfConfig(rows=2, num_warps=2),
+    (3584, 3584): HalfConfig(rows=2, num_warps=2, stream=True),
+    (512, 3584): HalfConfig(rows=2, num_warps=2, stream=True),
     (18944, 3584): HalfConfig(rows=4, num_warps=1),
-    (3584, 18944): HalfConfig(rows=4, num_warps=4),
+    (3584, 18944): HalfConfig(rows=2, num_warps=4),
 }
+
+
+def _tuned_from_file() -> None:
+    """QWEN_MAGIC_NF4_TUNED=path: tile configurations measured on this card by ``benchmarks/bench_nf4.py --sweep``
+    (its ``bench_nf4-tuned.json``: ``{"NxK": {HalfConfig fields}}``), used before :data:`TUNED`."""
+    import json
+    import os
+
+    path = os.environ.get("QWEN_MAGIC_NF4_TUNED")
+    if not path:
+        return
+    try:
+        with open(path) as handle:
+            entries = json.load(handle)
+        for shape, fields in entries.items():
+            n, k = (int(v) for v in shape.split("x"))
+            TUNED[(n, k)] = HalfConfig(**{name: fields[name] for name in HalfConfig._fields if name in fields})
+    except (OSError, ValueError, TypeError) as error:
+        import warnings
+
+        warnings.warn(f"QWEN_MAGIC_NF4_TUNED={path} not read: {error}")
+
+
+_tuned_from_file()
 
 
 def half_config(n: int, k: int, sm_count: int = 132) -> HalfConfig:
@@ -147,7 +172,8 @@ class HalfPlan:
         self.splits = -(-words // self.w_split)
         self.grid = (-(-n // cfg.rows), self.splits)
         self.constants = dict(BLOCKSIZE=int(quant_state.blocksize), BLOCKSIZE2=blocksize2, NESTED=bool(quant_state.nested),
-                              SPLIT=self.splits > 1, R=cfg.rows, U=cfg.per_thread, STEPS=per_split, num_warps=cfg.num_warps)
+                              SPLIT=self.splits > 1, R=cfg.rows, U=cfg.per_thread, STEPS=per_split, STREAM=bool(cfg.stream),
+                              num_warps=cfg.num_warps)
         self.key = _key(weight, quant_state)
 
     def __call__(self, x, bias=None):
