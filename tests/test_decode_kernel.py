@@ -178,3 +178,37 @@ def test_patched_cache_is_freed_without_the_collector():
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(CHILD, reason="compiles the real kernels (not the interpreter's)")
+@pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
+def test_kernels_compile_for_t4_and_h100(capability):
+    """The three kernels build for sm_75 as for sm_90, with the cache's length and chunk count as runtime values:
+    a cache that grows reuses the compiled kernels (a compile would be a pause of a few hundred milliseconds)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qwen_magic.kernels import _decode_triton as k
+
+    def build(kernel, signature, constants):
+        signature = dict(signature, **{name: "constexpr" for name in constants})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+        return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4))
+
+    try:
+        partial = build(k.partial_kernel, dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", mask_ptr="*i1", m_ptr="*fp32", l_ptr="*fp32",
+                                               acc_ptr="*fp32", q_head_stride="i32", k_head_stride="i32", k_pos_stride="i32",
+                                               v_head_stride="i32", v_pos_stride="i32", mask_stride="i32", length="i32", scale="fp32",
+                                               chunks="i32"), dict(G=7, GP=16, D=128, DP=128, BLOCK=64))
+        combine = build(k.combine_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*fp16", chunks_total="i32"),
+                        dict(G=7, D=128, DP=128, CB=128, PB=16))
+        write = build(k.cache_write_kernel, dict(k_ptr="*fp16", v_ptr="*fp16", keys_ptr="*fp16", values_ptr="*fp16", counter_ptr="*i64",
+                                                 capacity="i32", k_head_stride="i32", v_head_stride="i32", keys_head_stride="i32",
+                                                 keys_pos_stride="i32", values_head_stride="i32", values_pos_stride="i32"),
+                      dict(HEADS=4, HP=4, DK=128, DKP=128, DV=128, DVP=128))
+    except (ImportError, TypeError, AttributeError) as error:
+        pytest.skip(f"ahead-of-time compile API differs: {error}")
+    for kernel in (partial, combine, write):
+        assert kernel.asm["ptx"]
+    assert "mma" in partial.asm["ptx"] or capability < 80  # tensor-core products where the card has them

@@ -8,18 +8,18 @@ not allow are not read at all; a chunk with none stops after its first load), an
 un-normalized ``P @ V`` (``P`` rounded to the model's dtype for the product, as eager attention rounds
 its weights). ``combine_kernel`` has a program per query head and adds the chunks' parts in a fixed
 order, scaled to the overall maximum, then divides by the total (deterministic, no atomics); it reads
-only the chunks up to the last one with an allowed position.
+only the chunks up to the last one with an allowed position. The cache's length and chunk count are runtime
+arguments: a cache that grows does not compile the kernels again (a compile is a pause of ~0.2 s).
 """
 
 import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["length", "chunks"])
 def partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
-                   q_head_stride, k_head_stride, k_pos_stride, v_head_stride, v_pos_stride, mask_stride, length, scale,
-                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                   CHUNKS: tl.constexpr):
+                   q_head_stride, k_head_stride, k_pos_stride, v_head_stride, v_pos_stride, mask_stride, length, scale, chunks,
+                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
     head = tl.program_id(0)
     chunk = tl.program_id(1)
     groups = tl.arange(0, GP)
@@ -27,7 +27,7 @@ def partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
     positions = chunk * BLOCK + tl.arange(0, BLOCK)
     attend = tl.load(mask_ptr + positions * mask_stride, mask=positions < length, other=0) != 0
     dim_ok = dims < D
-    part = (head * CHUNKS + chunk) * G + groups  # one slot per (head, chunk, query head of the group)
+    part = (head * chunks + chunk) * G + groups  # one slot per (head, chunk, query head of the group)
     keep = groups < G
     top = tl.full([GP], float("-inf"), tl.float32)
     total = tl.zeros([GP], dtype=tl.float32)
@@ -49,34 +49,37 @@ def partial_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, m_ptr, l_ptr, acc_ptr,
     tl.store(l_ptr + part, total, mask=keep)
 
 
-@triton.jit
-def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                   CHUNKS: tl.constexpr, CB: tl.constexpr, PB: tl.constexpr):
+@triton.jit(do_not_specialize=["chunks_total"])
+def combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, chunks_total, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                   CB: tl.constexpr, PB: tl.constexpr):
     query_head = tl.program_id(0)
     head = query_head // G
     group = query_head % G
     dims = tl.arange(0, DP)
     dim_ok = dims < D
-    base = head * CHUNKS * G + group
+    base = head * chunks_total * G + group
     top = float("-inf")
     live_chunks = 0
-    for start in range(0, CHUNKS, CB):  # the overall maximum, and how many chunks hold allowed positions
-        chunks = start + tl.arange(0, CB)
-        m = tl.load(m_ptr + base + chunks * G, mask=chunks < CHUNKS, other=float("-inf"))
+    start = 0
+    while start < chunks_total:  # the overall maximum, and how many chunks hold allowed positions (a while loop: the
+        chunks = start + tl.arange(0, CB)  # bound is a runtime value, which the interpreter's range() cannot take)
+        m = tl.load(m_ptr + base + chunks * G, mask=chunks < chunks_total, other=float("-inf"))
         top = tl.maximum(top, tl.max(m, axis=0))
         live_chunks = tl.maximum(live_chunks, tl.max(tl.where(m > float("-inf"), chunks + 1, 0), axis=0))
+        start += CB
     safe = tl.where(top == float("-inf"), 0.0, top)
     total = 0.0
     acc = tl.zeros([DP], dtype=tl.float32)
-    for start in range(0, CHUNKS, PB):  # the chunks' parts, in chunk order, up to the last live one
-        if start < live_chunks:
-            chunks = start + tl.arange(0, PB)
-            m = tl.load(m_ptr + base + chunks * G, mask=chunks < live_chunks, other=float("-inf"))
-            live = m > float("-inf")
-            weight = tl.where(live, tl.exp(m - safe), 0.0)
-            total += tl.sum(weight * tl.load(l_ptr + base + chunks * G, mask=live, other=0.0), axis=0)
-            parts = tl.load(acc_ptr + (base + chunks * G)[:, None] * D + dims[None, :], mask=live[:, None] & dim_ok[None, :], other=0.0)
-            acc += tl.sum(weight[:, None] * parts, axis=0)
+    start = 0
+    while start < live_chunks:  # the chunks' parts, in chunk order, up to the last live one
+        chunks = start + tl.arange(0, PB)
+        m = tl.load(m_ptr + base + chunks * G, mask=chunks < live_chunks, other=float("-inf"))
+        live = m > float("-inf")
+        weight = tl.where(live, tl.exp(m - safe), 0.0)
+        total += tl.sum(weight * tl.load(l_ptr + base + chunks * G, mask=live, other=0.0), axis=0)
+        parts = tl.load(acc_ptr + (base + chunks * G)[:, None] * D + dims[None, :], mask=live[:, None] & dim_ok[None, :], other=0.0)
+        acc += tl.sum(weight[:, None] * parts, axis=0)
+        start += PB
     out = acc / total
     tl.store(out_ptr + query_head * D + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 

@@ -135,11 +135,11 @@ def _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, ro
     return packed, xa, xb, xc, xd, s2
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["N", "steps"])
 def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-                       N, KW, w_split, l0, l1, l2, l3, h0, h1, h2, h3,
+                       N, KW, w_split, steps, l0, l1, l2, l3, h0, h1, h2, h3,
                        BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr, STEPS: gl.constexpr,
+                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr,
                        STREAM: gl.constexpr = False, LOADS_ONLY: gl.constexpr = False):
     """``R`` rows a program; each thread holds ``U`` consecutive words of each row (one vector load a row), the
     threads of the program cover ``CW`` words a step; ``w_split`` words of K a program (``pid 1``). The next
@@ -179,7 +179,7 @@ def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_
     end = gl.minimum(start + w_split, KW)
     packed, xa, xb, xc, xd, s2 = _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, row_ok, cols, xcols,
                                             quarter, start, end, KW, srows64, srow_ok, scols, L, L3, U, WB, BLOCKSIZE2, NESTED, STREAM)
-    for step in range(0, STEPS):
+    for step in range(0, steps):  # a runtime count: one compile serves every K of a tile configuration
         # the next step's operands (masked off past the slice) before this step's arithmetic
         packed_n, xa_n, xb_n, xc_n, xd_n, s2_n = _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, row_ok,
                                                             cols, xcols, quarter, start + (step + 1) * CW, end, KW, srows64,
