@@ -106,6 +106,8 @@ class FastEngine:
         self.unpatch = [module.patch(model) for module in self.kernels]
         if self.kernels:
             self.name += " + Triton kernels"
+            if missing and use_graph:
+                self.note += f" (not all kernels: {missing})"
         elif missing and use_graph:
             self.note += f" (no Triton kernels: {missing})"
         # Only models on SDPA get the grouped attention (and get SDPA back on close).

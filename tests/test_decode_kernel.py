@@ -212,3 +212,62 @@ def test_kernels_compile_for_t4_and_h100(capability):
     for kernel in (partial, combine, write):
         assert kernel.asm["ptx"]
     assert "mma" in partial.asm["ptx"] or capability < 80  # tensor-core products where the card has them
+
+
+@child_only
+def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
+    """A fast engine (eager steps, float16, on the CPU through the interpreter) sends every decode step's attention
+    and cache write to the kernels, across a cache that grows (the new cache's layers are patched too); its
+    teacher-forced logits stay as close to a plain forward as float16 allows; prefill keeps the stock path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_magic import fast
+    from qwen_magic.fast import FastEngine
+    from qwen_magic.kernels import decode
+    from qwen_magic.tiny import write_tiny_model
+    from test_fast import forced_logits, reference_logits, relative_error
+
+    path = write_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, num_hidden_layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, attn_implementation="sdpa")
+    monkeypatch.setattr(decode, "FORCE_CPU", True)
+    monkeypatch.setattr(decode, "available", lambda device=None: None)
+    monkeypatch.setattr(decode, "check", lambda device=None, dtype=None: None)
+    monkeypatch.setattr(fast, "CAPACITY_STEP", 32)
+    calls = {"attention": 0, "write": 0}
+    attention, kernels = decode.attention, decode._build()
+    write = kernels.cache_write_kernel
+
+    def counted_attention(*args):
+        calls["attention"] += 1
+        return attention(*args)
+
+    class CountedWrite:
+        def __getitem__(self, grid):
+            calls["write"] += 1
+            return write[grid]
+
+    monkeypatch.setattr(decode, "attention", counted_attention)
+    monkeypatch.setattr(kernels, "cache_write_kernel", CountedWrite())
+    engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True)
+    try:
+        assert [module.__name__.rsplit(".", 1)[-1] for module in engine.kernels] == ["decode"]
+        layers, steps = 2, 0
+        prompt, continuation = list(range(3, 40)), list(range(50, 60))
+        stock = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=False)  # PyTorch's attention
+        for turn in range(2):  # the second turn's prompt outgrows the first cache: a larger one, the history copied
+            got = forced_logits(engine, prompt, continuation).float()
+            steps += len(continuation)
+            assert calls == {"attention": layers * steps, "write": layers * steps}
+            expected = reference_logits(model, prompt, continuation).float()
+            baseline = relative_error(forced_logits(stock, prompt, continuation).float(), expected)
+            # float16: no further from a plain forward than the engine's own PyTorch path is (or 2e-3)
+            assert relative_error(got, expected) <= max(1.5 * baseline, 2e-3), (relative_error(got, expected), baseline)
+            assert calls == {"attention": layers * steps, "write": layers * steps}  # the stock engine took no kernel
+            capacity = engine.capacity
+            prompt = prompt + continuation + list(range(100, 120))
+        assert engine.capacity == capacity > 64 and engine.reused == 47  # grown, and the first turn came from the cache
+        stock.close()
+    finally:
+        engine.close()

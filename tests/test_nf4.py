@@ -356,3 +356,28 @@ def test_half_table_words_hold_the_table():
         low = (words[index // 4] >> (8 * (index % 4))) & 0xFF
         high = (words[4 + index // 4] >> (8 * (index % 4))) & 0xFF
         assert (high << 8) | low == bits[index]
+
+
+def test_a_switched_off_float16_kernel_is_said(monkeypatch):
+    """When nf4's load-time check switches its float16 kernel off, load_kernels keeps the module (the Triton kernel
+    takes over) and says why in its one line, which the engine's load summary shows."""
+    import torch
+
+    from qwen_magic import kernels
+    from qwen_magic.kernels import decode, fused, nf4
+
+    def failing_check(device=None, dtype=None):
+        monkeypatch.setattr(nf4, "HALF_NOTE", "the float16 4-bit kernel failed to run: RuntimeError: no sm_75 lowering")
+        return None
+
+    monkeypatch.setattr(nf4, "available", lambda device=None: None)
+    monkeypatch.setattr(nf4, "check", failing_check)
+    monkeypatch.setattr(fused, "available", lambda device=None: "no CUDA device")
+    monkeypatch.setattr(decode, "available", lambda device=None: "no CUDA device")
+    found, why = kernels.load_kernels(torch.device("cpu"), True, torch.float16)
+    try:
+        assert found == [nf4]
+        assert "NF4 float16 kernel off (the float16 4-bit kernel failed to run: RuntimeError: no sm_75 lowering)" in why
+        assert "no CUDA device" in why
+    finally:
+        kernels.release()

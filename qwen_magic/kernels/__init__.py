@@ -34,7 +34,7 @@ def decoding():
 
 
 def load_kernels(device, wanted: bool, dtype=None):
-    """The kernel modules (qwen_magic.kernels) usable on ``device``, and why any is not (one line).
+    """The kernel modules (qwen_magic.kernels) usable on ``device``, and why any (or part of one) is not (one line).
     A module with a ``check`` runs its kernels once against eager arithmetic in ``dtype`` first."""
     global _engines
     if not wanted or os.environ.get("QWEN_MAGIC_KERNELS", "1") == "0":
@@ -52,6 +52,9 @@ def load_kernels(device, wanted: bool, dtype=None):
             reasons.append(reason)
         else:
             found.append(module)
+            partly = getattr(module, "HALF_NOTE", "")  # nf4: its float16 kernel switched off by its check
+            if partly:
+                reasons.append(f"NF4 float16 kernel off ({partly}): the Triton one instead")
     if found:
         _engines += 1  # the caller calls release() when done with them
     return found, "; ".join(dict.fromkeys(reasons))
