@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (no network): install the carried wheels, run the gpu tests, then the benchmarks.
-# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|free|load|vision|split|fused|wave2|wave3|wave4|probe|alts|all]   (results go to $OUT)
+# Usage: bash benchmarks/run_on_gpu.sh [tests|bench|shapes|profile|step|sweep|free|load|vision|split|fused|wave2|wave3|wave4|probe|alts|all]   (results go to $OUT)
 set -u
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, bitsandbytes, IPython; print('torch', torch.__version__, 'transformers', transformers.__version__, 'bitsandbytes', bitsandbytes.__version__, 'ipython', IPython.__version__)"
 model=/tmp/qwen7b-shape
 case $what in tests|all)
-    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_families.py tests/test_gpu_quantized.py tests/test_soak.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    python3 -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_families.py tests/test_gpu_quantized.py tests/test_soak.py \
+        tests/test_gpu_nf4.py tests/test_gpu_decode.py tests/test_gpu_fused.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
 esac
 case $what in bench|all)
     python3 benchmarks/bench_decode.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tee "$OUT/bench.txt" | tail -16 ;;
@@ -30,6 +31,13 @@ case $what in vision|all)  # a Qwen2.5-VL-7B-shaped model in NF4: one 1024x768 f
 esac
 case $what in profile|all)
     python3 benchmarks/profile_turn.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|_warn_once' | cut -c1-160 | head -14 ;;
+esac
+case $what in step|all)  # one decode step's GPU kernels by name (issue 13)
+    python3 benchmarks/profile_step.py --out "$OUT" --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model|Warning|warn' | head -40 ;;
+esac
+case $what in sweep)  # the NF4 float16 kernel's tiles on this card; its bench_nf4-tuned.json feeds QWEN_MAGIC_NF4_TUNED
+    python3 benchmarks/bench_nf4.py --out "$OUT" --dtype float16 --no-others --sweep --sweep-seconds 170 --models qwen2.5-7b 2>&1 \
+        | grep -E "best of|^\||Sweep|    \(" | tee "$OUT/bench_nf4_sweep.txt" | tail -16 ;;
 esac
 case $what in free|all)
     python3 benchmarks/free_check.py --model-dir $model 2>&1 | grep -vE 'Loading weights|Writing model' | tail -24 ;;
