@@ -135,6 +135,8 @@ def test_cache_write_equals_transformers_update(monkeypatch, dtype):
 
     from qwen_magic.kernels import decode, decoding
 
+    if not decode._update_verified(StaticLayer):
+        pytest.skip("this transformers' StaticLayer.update is not the one the kernel reproduces (patch_cache leaves it alone)")
     monkeypatch.setattr(decode, "FORCE_CPU", True)
     generator = torch.Generator().manual_seed(1)
     random = lambda *shape: torch.randn(*shape, generator=generator).to(dtype)
@@ -192,8 +194,9 @@ def test_kernels_compile_for_t4_and_h100(capability):
     from qwen_magic.kernels import _decode_triton as k
 
     def build(kernel, signature, constants):
+        pointers = sum(kind.startswith("*") for kind in signature.values())  # the pointers come first: 16-byte aligned
         signature = dict(signature, **{name: "constexpr" for name in constants})
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in range(pointers)})
         return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4))
 
     try:
@@ -253,18 +256,21 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True)
     try:
         assert [module.__name__.rsplit(".", 1)[-1] for module in engine.kernels] == ["decode"]
+        from transformers.cache_utils import StaticLayer
+
         layers, steps = 2, 0
+        writes = layers if decode._update_verified(StaticLayer) else 0  # transformers 4.x: its own update, left alone
         prompt, continuation = list(range(3, 40)), list(range(50, 60))
         stock = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=False)  # PyTorch's attention
         for turn in range(2):  # the second turn's prompt outgrows the first cache: a larger one, the history copied
             got = forced_logits(engine, prompt, continuation).float()
             steps += len(continuation)
-            assert calls == {"attention": layers * steps, "write": layers * steps}
+            assert calls == {"attention": layers * steps, "write": writes * steps}
             expected = reference_logits(model, prompt, continuation).float()
             baseline = relative_error(forced_logits(stock, prompt, continuation).float(), expected)
             # float16: no further from a plain forward than the engine's own PyTorch path is (or 2e-3)
             assert relative_error(got, expected) <= max(1.5 * baseline, 2e-3), (relative_error(got, expected), baseline)
-            assert calls == {"attention": layers * steps, "write": layers * steps}  # the stock engine took no kernel
+            assert calls == {"attention": layers * steps, "write": writes * steps}  # the stock engine took no kernel
             capacity = engine.capacity
             prompt = prompt + continuation + list(range(100, 120))
         assert engine.capacity == capacity > 64 and engine.reused == 47  # grown, and the first turn came from the cache

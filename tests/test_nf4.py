@@ -316,7 +316,7 @@ def compile_half_for(capability, nested, split):
     signature = dict(x_ptr="*fp16", w_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", code2_ptr="*fp32", absmax2_ptr="*fp32",
                      offset_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp32" if split else "*fp16", N="i32", KW="i32", w_split="i32", steps="i32",
                      **{name: "i32" for name in ("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3")})
-    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, SPLIT=split, R=4, U=4)
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, SPLIT=split, R=4, U=4, STREAM=False, LOADS_ONLY=False)
     signature.update({name: "constexpr" for name in constants})
     aligned = {(index,): [["tt.divisibility", 16]] for index in range(11)}  # what a launch with Qwen's shapes specializes on
     source = GluonASTSource(fn=_nf4_half.matvec_half_kernel, signature=signature, constexprs=constants, attrs=aligned)
