@@ -35,65 +35,45 @@ from triton.experimental.gluon import language as gl
 # from the second pair with the fourth bit cleared, and a third prmt takes byte k from the first result or
 # the second (selector nibble k or k + 4, by the fourth bit). Then the low and high bytes are interleaved
 # into two half2 per half word.
-_WORD = gl.constexpr("""
+def _half_word(x_low: str, x_high: str, sum_in: str, sum_out: str) -> str:
+    """PTX for the four codes of the selector ``s`` (one half of the word) against x's two half2 ``x_low`` and
+    ``x_high``: ``sum_out = sum_in + float(p0) + float(p1) + float(p2) + float(p3)``."""
+    return f"""and.b32 s7, s, 0x7777;
+shr.b32 t, s, 1;
+lop3.b32 sel, t, 0x4444, 0x3210, 0xEA;
+prmt.b32 la, $8, $9, s;
+prmt.b32 lb, $10, $11, s7;
+prmt.b32 lo, la, lb, sel;
+prmt.b32 ha, $12, $13, s;
+prmt.b32 hb, $14, $15, s7;
+prmt.b32 hi, ha, hb, sel;
+prmt.b32 h0, lo, hi, 0x4051;
+prmt.b32 h1, lo, hi, 0x6273;
+mul.rn.f16x2 h0, h0, $7;
+mul.rn.f16x2 h1, h1, $7;
+mul.rn.f16x2 h0, h0, {x_low};
+mul.rn.f16x2 h1, h1, {x_high};
+mov.b32 {{a0, a1}}, h0;
+mov.b32 {{a2, a3}}, h1;
+cvt.f32.f16 f0, a0;
+cvt.f32.f16 f1, a1;
+cvt.f32.f16 f2, a2;
+cvt.f32.f16 f3, a3;
+add.f32 f0, f0, f1;
+add.f32 f2, f2, f3;
+add.f32 acc, {sum_in}, f0;
+add.f32 {sum_out}, acc, f2;
+"""
+
+
+_WORD = gl.constexpr(
+    """
 {
 .reg .b32 s, s7, t, sel, la, lb, lo, ha, hb, hi, h0, h1;
 .reg .b16 a0, a1, a2, a3;
 .reg .f32 f0, f1, f2, f3, acc;
 mov.b32 s, $2;
-and.b32 s7, s, 0x7777;
-shr.b32 t, s, 1;
-lop3.b32 sel, t, 0x4444, 0x3210, 0xEA;
-prmt.b32 la, $8, $9, s;
-prmt.b32 lb, $10, $11, s7;
-prmt.b32 lo, la, lb, sel;
-prmt.b32 ha, $12, $13, s;
-prmt.b32 hb, $14, $15, s7;
-prmt.b32 hi, ha, hb, sel;
-prmt.b32 h0, lo, hi, 0x4051;
-prmt.b32 h1, lo, hi, 0x6273;
-mul.rn.f16x2 h0, h0, $7;
-mul.rn.f16x2 h1, h1, $7;
-mul.rn.f16x2 h0, h0, $3;
-mul.rn.f16x2 h1, h1, $4;
-mov.b32 {a0, a1}, h0;
-mov.b32 {a2, a3}, h1;
-cvt.f32.f16 f0, a0;
-cvt.f32.f16 f1, a1;
-cvt.f32.f16 f2, a2;
-cvt.f32.f16 f3, a3;
-add.f32 f0, f0, f1;
-add.f32 f2, f2, f3;
-add.f32 acc, $1, f0;
-add.f32 acc, acc, f2;
-shr.b32 s, s, 16;
-and.b32 s7, s, 0x7777;
-shr.b32 t, s, 1;
-lop3.b32 sel, t, 0x4444, 0x3210, 0xEA;
-prmt.b32 la, $8, $9, s;
-prmt.b32 lb, $10, $11, s7;
-prmt.b32 lo, la, lb, sel;
-prmt.b32 ha, $12, $13, s;
-prmt.b32 hb, $14, $15, s7;
-prmt.b32 hi, ha, hb, sel;
-prmt.b32 h0, lo, hi, 0x4051;
-prmt.b32 h1, lo, hi, 0x6273;
-mul.rn.f16x2 h0, h0, $7;
-mul.rn.f16x2 h1, h1, $7;
-mul.rn.f16x2 h0, h0, $5;
-mul.rn.f16x2 h1, h1, $6;
-mov.b32 {a0, a1}, h0;
-mov.b32 {a2, a3}, h1;
-cvt.f32.f16 f0, a0;
-cvt.f32.f16 f1, a1;
-cvt.f32.f16 f2, a2;
-cvt.f32.f16 f3, a3;
-add.f32 f0, f0, f1;
-add.f32 f2, f2, f3;
-add.f32 acc, acc, f0;
-add.f32 $0, acc, f2;
-}
-""")
+""" + _half_word("$3", "$4", "$1", "acc") + "shr.b32 s, s, 16;\n" + _half_word("$5", "$6", "acc", "$0") + "}\n")
 _CONSTRAINTS = gl.constexpr(",".join(["=r"] + ["r"] * 15))
 
 
