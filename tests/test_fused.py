@@ -27,6 +27,7 @@ import sys
 
 import pytest
 import torch
+from interpreter import run_in_interpreter
 
 CHILD = os.environ.get("QWEN_MAGIC_FUSED_CHILD") == "1"
 
@@ -37,11 +38,7 @@ child_only = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child
 
 @pytest.mark.skipif(CHILD, reason="the parent's launcher")
 def test_kernels_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", QWEN_MAGIC_FUSED_CHILD="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
-        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
-    )
+    result = run_in_interpreter(__file__, "QWEN_MAGIC_FUSED_CHILD", "-x")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
 

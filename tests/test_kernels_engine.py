@@ -8,10 +8,9 @@ so the test runs in a child process (``test_in_interpreter``), as tests/test_fus
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
+from interpreter import run_in_interpreter
 
 pytest.importorskip("triton")
 pytest.importorskip("bitsandbytes")
@@ -22,9 +21,7 @@ SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_
 
 @pytest.mark.skipif(CHILD, reason="the parent starts the child")
 def test_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", QWEN_MAGIC_KERNELS_CHILD="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = run_in_interpreter(__file__, "QWEN_MAGIC_KERNELS_CHILD")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]  # the child ran the engine test
 
