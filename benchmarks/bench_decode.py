@@ -106,6 +106,14 @@ def bytes_per_token(model):
     return total
 
 
+def model_path(path=None, shape="qwen2.5-7b"):
+    """``path`` (default: a new temporary folder) with the shape's model in it, built and saved there when missing."""
+    path = path or tempfile.mkdtemp(prefix="qwen7b-shape-")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        build_model(path, shape)
+    return path
+
+
 def history_of(tokenizer, tokens):
     """Exchanges of filler text until the rendered history is about ``tokens`` long."""
     messages, i = [], 0

@@ -13,11 +13,10 @@ import collections
 import json
 import os
 import statistics
-import tempfile
 
 import torch
 
-from bench_decode import build_model, history_of
+from bench_decode import history_of, model_path
 from qwen_magic import loader
 from qwen_magic.prompt import prompt_ids
 
@@ -45,10 +44,7 @@ def main():
     parser.add_argument("--history", type=int, default=700)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    path = args.model_dir or tempfile.mkdtemp(prefix="qwen7b-shape-")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_model(path)
-    loaded = loader.load(path, bits=4, dtype="float16", engine="fast", notify=lambda _: None)
+    loaded = loader.load(model_path(args.model_dir), bits=4, dtype="float16", engine="fast", notify=lambda _: None)
     engine, tokenizer = loaded.engine, loaded.tokenizer
     print(f"engine: {engine.name}{engine.note}")
     ids = prompt_ids(tokenizer, history_of(tokenizer, args.history) + [{"role": "user", "content": "它有什么好吃的美食吗?"}])

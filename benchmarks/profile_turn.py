@@ -9,12 +9,11 @@ memory of a cold prefill at several chunk sizes.
 
 import argparse
 import os
-import tempfile
 import time
 
 import torch
 
-from bench_decode import build_model, history_of, sync_time
+from bench_decode import history_of, model_path, sync_time
 from qwen_magic import fast, loader
 from qwen_magic.fast import Sampler
 from qwen_magic.prompt import prompt_ids
@@ -27,10 +26,7 @@ def main():
     parser.add_argument("--history", type=int, default=8000)
     parser.add_argument("--model-dir")
     args = parser.parse_args()
-    path = args.model_dir or tempfile.mkdtemp(prefix="qwen7b-shape-")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        build_model(path)
-    loaded = loader.load(path, bits=4, dtype="float16", engine="fast", notify=lambda _: None)
+    loaded = loader.load(model_path(args.model_dir), bits=4, dtype="float16", engine="fast", notify=lambda _: None)
     engine, tokenizer = loaded.engine, loaded.tokenizer
     new = {"role": "user", "content": "它有什么好吃的美食吗?"}
     history = history_of(tokenizer, args.history)
