@@ -198,3 +198,72 @@ def test_patch_on_gpu(compute):
         kind.__call__ = original
         restore()
     assert not any(nf4.is_patched(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("sizes,k,bias", [((3584, 512, 512), 3584, True), ((18944, 18944), 3584, False), ((64, 32, 32), 1024, True)],
+                         ids=["qkv", "gate-up", "small"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_group_plan_equals_separate_launches(sizes, k, bias, nested):
+    """Weights that share x in one launch: each weight's rows are the same bits as its own launch with the first
+    weight's tile configuration (Qwen2.5-7B's q/k/v and gate/up take the same configuration, so the same as today)."""
+    members = [quantized(n, k, nested, seed=n + i) for i, n in enumerate(sizes)]
+    x = torch.randn(k, device="cuda", dtype=torch.float16)
+    biases = [torch.randn(n, device="cuda", dtype=torch.float16) for n in sizes] if bias else None
+    group = nf4_half.GroupPlan(members, torch.device("cuda"))
+    y = group(x, torch.cat(biases) if bias else None)
+    assert y.shape == (sum(sizes),) and group.sizes == list(sizes)
+    cfg = group.cfg
+    for i, ((packed, state), part) in enumerate(zip(members, y.split(sizes))):
+        own = nf4_half.HalfPlan(packed, state, torch.device("cuda"), cfg)(x, biases[i] if bias else None)
+        assert torch.equal(part, own)
+        assert_half(part, *nf4_half.bnb_arithmetic(x, packed, state, biases[i] if bias else None))
+
+
+def test_groups_in_a_patched_model_give_the_same_bits():
+    """q/k/v and gate/up of a patched module run as groups in decode steps: one launch each, outputs equal to one
+    launch a layer, bit for bit; QWEN_MAGIC_NF4_GROUP=0 (or another order of calls) falls back."""
+    import bitsandbytes as bnb
+
+    from qwen_magic.kernels import decoding, nf4, nf4_group
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = (bnb.nn.Linear4bit(1024, n, bias=True, compute_dtype=torch.float16)
+                                                     for n in (1024, 256, 256))
+            self.gate_proj, self.up_proj = (bnb.nn.Linear4bit(1024, 2048, bias=False, compute_dtype=torch.float16) for _ in range(2))
+
+        def forward(self, h, order=(0, 1, 2)):
+            projections = [self.q_proj, self.k_proj, self.v_proj]
+            out = [projections[i](h) for i in order]
+            return torch.cat(out + [self.gate_proj(h) * self.up_proj(h)], dim=-1)
+
+    torch.manual_seed(0)
+    block = Block().to("cuda")
+    h = torch.randn(1, 1, 1024, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        block(torch.randn(2, 1024, device="cuda", dtype=torch.float16))  # bitsandbytes sets its compute dtype
+    restore = nf4.patch(block)
+    launches = []
+    original = nf4_half.HalfPlan.__call__
+    try:
+        nf4_half.HalfPlan.__call__ = lambda self, *a, **kw: launches.append(type(self).__name__) or original(self, *a, **kw)
+        with torch.no_grad(), decoding():
+            grouped = block(h)
+            assert launches == ["GroupPlan", "GroupPlan"]
+            launches.clear()
+            nf4_group.GROUPS = False
+            separate = block(h)
+            assert launches == ["HalfPlan"] * 5
+            nf4_group.GROUPS = True
+            launches.clear()
+            reordered = block(h, order=(1, 0, 2))  # k first: k alone, then q's group (whose k output goes unused)
+            assert launches[0] == "HalfPlan"
+        assert torch.equal(grouped, separate)
+        assert torch.equal(reordered[..., 256:1280], grouped[..., :1024]) and torch.equal(reordered[..., :256], grouped[..., 1024:1280])
+    finally:
+        nf4_group.GROUPS = True
+        nf4_half.HalfPlan.__call__ = original
+        restore()
+    assert not any(nf4_group.of(m) for m in block.modules())
+

@@ -305,7 +305,7 @@ def test_compiles_for_t4_and_h100(capability):
         assert ptx.count("ld.global.b8") <= 4 * int(nested) and ("ld.global.v2.b32" in ptx or "ld.global.v4.b32" in ptx)
 
 
-def compile_half_for(capability, nested, split):
+def compile_half_for(capability, nested, split, segments=1):
     """The float16 kernel (Gluon) compiled ahead of time for a CUDA target."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -313,12 +313,17 @@ def compile_half_for(capability, nested, split):
 
     from qwen_magic.kernels import _nf4_half
 
-    signature = dict(x_ptr="*fp16", w_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32", code2_ptr="*fp32", absmax2_ptr="*fp32",
-                     offset_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp32" if split else "*fp16", N="i32", KW="i32", w_split="i32", steps="i32",
+    absmax = "*u8" if nested else "*fp32"
+    signature = dict(x_ptr="*fp16", w_ptr="*u8", absmax_ptr=absmax, absmax2_ptr="*fp32", offset_ptr="*fp32",
+                     w1_ptr="*u8", absmax1_ptr=absmax, absmax21_ptr="*fp32", offset1_ptr="*fp32", start1="i32",
+                     w2_ptr="*u8", absmax_2_ptr=absmax, absmax22_ptr="*fp32", offset2_ptr="*fp32", start2="i32",
+                     code2_ptr="*fp32", bias_ptr="*fp16", out_ptr="*fp32" if split else "*fp16", N="i32", KW="i32", w_split="i32", steps="i32",
                      **{name: "i32" for name in ("l0", "l1", "l2", "l3", "h0", "h1", "h2", "h3")})
-    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, SPLIT=split, R=4, U=4, STREAM=False, LOADS_ONLY=False)
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=nested, HAS_BIAS=True, SPLIT=split, R=4, U=4, SEGMENTS=segments, STREAM=False,
+                     LOADS_ONLY=False)
     signature.update({name: "constexpr" for name in constants})
-    aligned = {(index,): [["tt.divisibility", 16]] for index in range(11)}  # what a launch with Qwen's shapes specializes on
+    pointers = [i for i, (name, kind) in enumerate(signature.items()) if kind.startswith("*") or name in ("KW", "w_split")]
+    aligned = {(index,): [["tt.divisibility", 16]] for index in pointers}  # what a launch with Qwen's shapes specializes on
     source = GluonASTSource(fn=_nf4_half.matvec_half_kernel, signature=signature, constexprs=constants, attrs=aligned)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=2))
 
@@ -331,7 +336,8 @@ def test_half_kernel_compiles_for_t4_and_h100(capability):
     import re
 
     try:
-        compiled = [compile_half_for(capability, nested, split) for nested, split in [(False, False), (True, True)]]
+        compiled = [compile_half_for(capability, nested, split, segments)
+                    for nested, split, segments in [(False, False, 1), (True, True, 1), (False, False, 3), (True, False, 2)]]
     except (ImportError, TypeError, AttributeError) as error:  # a triton without Gluon, or another compile API
         pytest.skip(f"Gluon ahead-of-time compile unavailable: {error}")
     for kernel in compiled:
@@ -381,3 +387,51 @@ def test_a_switched_off_float16_kernel_is_said(monkeypatch):
         assert "no CUDA device" in why
     finally:
         kernels.release()
+
+
+def test_siblings_share_one_launch(monkeypatch):
+    """patch() marks q/k/v and gate/up as groups; the first call launches for all, the next calls with the very same
+    input take their outputs; another input, order or module falls back (None: one launch a layer); restore() unmarks.
+    The launch itself (nf4_half.GroupPlan) is checked bit for bit against separate launches on the GPU
+    (tests/test_gpu_nf4.py)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qwen_magic.kernels import nf4, nf4_group
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (bnb.nn.Linear4bit(64, n) for n in (64, 16, 16, 64))
+            self.mlp = torch.nn.Module()
+            self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj = bnb.nn.Linear4bit(64, 128), bnb.nn.Linear4bit(64, 128), bnb.nn.Linear4bit(128, 64)
+
+    layer = Layer()
+    restore = nf4.patch(layer)
+    q, k, v = layer.q_proj, layer.k_proj, layer.v_proj
+    assert nf4_group.of(q) is nf4_group.of(k) is nf4_group.of(v) is not None
+    assert nf4_group.of(layer.mlp.gate_proj) is nf4_group.of(layer.mlp.up_proj) is not None
+    assert nf4_group.of(layer.o_proj) is None and nf4_group.of(layer.mlp.down_proj) is None
+
+    launches = []
+
+    class Stand:  # a GroupPlan's interface: sizes, and the rows of all weights one after the other
+        sizes = [64, 16, 16]
+
+        def __call__(self, x, bias):
+            launches.append(x)
+            return torch.arange(96, dtype=torch.float16) + 1000 * len(launches)
+
+    monkeypatch.setattr(nf4_group.Siblings, "_plan", lambda self, compute, device: Stand())
+    group = nf4_group.of(q)
+    x = torch.randn(64, dtype=torch.float16)
+    assert torch.equal(group.take(q, x, torch.float16), torch.arange(64, dtype=torch.float16) + 1000)
+    assert group.take(k, x.clone(), torch.float16) is None  # an equal tensor is not the same input
+    assert torch.equal(group.take(k, x, torch.float16), torch.arange(64, 80, dtype=torch.float16) + 1000)
+    assert torch.equal(group.take(v, x, torch.float16), torch.arange(80, 96, dtype=torch.float16) + 1000)
+    assert group.pending is None and len(launches) == 1
+    assert group.take(k, x, torch.float16) is None  # taken already: k alone
+    monkeypatch.setattr(nf4_group, "GROUPS", False)
+    assert group.take(q, x, torch.float16) is None
+    restore()
+    assert not any(nf4_group.of(m) for m in layer.modules()) and not any(nf4.is_patched(m) for m in layer.modules())

@@ -115,15 +115,21 @@ def _load_step(words, x4, absmax_ptr, code2_ptr, absmax2_ptr, offset, rows64, ro
     return packed, xa, xb, xc, xd, s2
 
 
-@gluon.jit(do_not_specialize=["N", "steps"])
-def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, bias_ptr, out_ptr,
-                       N, KW, w_split, steps, l0, l1, l2, l3, h0, h1, h2, h3,
+@gluon.jit(do_not_specialize=["N", "steps", "start1", "start2"])
+def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, offset_ptr,
+                       w1_ptr, absmax1_ptr, absmax21_ptr, offset1_ptr, start1,
+                       w2_ptr, absmax_2_ptr, absmax22_ptr, offset2_ptr, start2,
+                       code2_ptr, bias_ptr, out_ptr, N, KW, w_split, steps, l0, l1, l2, l3, h0, h1, h2, h3,
                        BLOCKSIZE: gl.constexpr, BLOCKSIZE2: gl.constexpr, NESTED: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr,
+                       SPLIT: gl.constexpr, R: gl.constexpr, U: gl.constexpr, SEGMENTS: gl.constexpr = 1,
                        STREAM: gl.constexpr = False, LOADS_ONLY: gl.constexpr = False):
     """``R`` rows a program; each thread holds ``U`` consecutive words of each row (one vector load a row), the
     threads of the program cover ``CW`` words a step; ``w_split`` words of K a program (``pid 1``). The next
-    step's loads are issued before this step's arithmetic (registers double-buffered), so memory stays busy."""
+    step's loads are issued before this step's arithmetic (registers double-buffered), so memory stays busy.
+
+    ``SEGMENTS`` (2 or 3): weights that share ``x`` (q, k and v; gate and up) in one launch. Output rows
+    ``start1`` on are the second weight's (its own tensors ``w1``, ``absmax1``, ...), ``start2`` on the third's;
+    every weight's row count is a multiple of ``R``, so a program's rows lie in one weight."""
     W: gl.constexpr = gl.num_warps()
     L: gl.constexpr = gl.BlockedLayout([R, U], [1, 32], [1, W], [1, 0])  # rows in registers, words across threads
     LX: gl.constexpr = gl.BlockedLayout([U, 4], [32, 1], [W, 1], [1, 0])  # x: a word's four half2, per thread
@@ -131,11 +137,19 @@ def matvec_half_kernel(x_ptr, w_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_
     WB: gl.constexpr = BLOCKSIZE // 8  # words per quantization block
     L3: gl.constexpr = gl.BlockedLayout([R, 1, U], [1, 32, 1], [1, W, 1], [2, 1, 0])  # a thread's words, per thread
     LS: gl.constexpr = gl.SliceLayout(2, L3)  # one scale per row and thread
-    rows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
-    row_ok = gl.expand_dims(rows < N, 1)
+    first = gl.program_id(0) * R  # the program's first output row
+    local = first  # ... and its first row in its own weight
+    if SEGMENTS > 1:
+        if first >= start1:
+            w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, local = w1_ptr, absmax1_ptr, absmax21_ptr, offset1_ptr, first - start1
+    if SEGMENTS > 2:
+        if first >= start2:
+            w_ptr, absmax_ptr, absmax2_ptr, offset_ptr, local = w2_ptr, absmax_2_ptr, absmax22_ptr, offset2_ptr, first - start2
+    rows = local + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+    row_ok = gl.expand_dims(first + gl.arange(0, R, layout=gl.SliceLayout(1, L)) < N, 1)
     rows64 = gl.expand_dims(rows.to(gl.int64), 1)
-    srows = gl.program_id(0) * R + gl.arange(0, R, layout=gl.SliceLayout(1, LS))
-    srow_ok = gl.expand_dims(srows < N, 1)
+    srows = local + gl.arange(0, R, layout=gl.SliceLayout(1, LS))
+    srow_ok = gl.expand_dims(first + gl.arange(0, R, layout=gl.SliceLayout(1, LS)) < N, 1)
     srows64 = gl.expand_dims(srows.to(gl.int64), 1)
     scols = gl.arange(0, CW // U, layout=gl.SliceLayout(0, LS))
     words = w_ptr.cast(gl.pointer_type(gl.int32), bitcast=True)

@@ -58,6 +58,8 @@ Use in a model
 
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
+from . import nf4_group
+
 # Set True (tests) to let :func:`patch`'s wrapper use the kernel for CPU tensors too, through
 # Triton's interpreter (slow; for checking the kernel without a GPU). The interpreter needs
 # TRITON_INTERPRET=1 in the environment before anything imports triton (bitsandbytes does).
@@ -368,6 +370,11 @@ def _forward(module, original: Callable) -> Callable:
         if args or kwargs or not _use_kernel(module, x):
             return original(x, *args, **kwargs)
         compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
+        siblings = nf4_group.of(module)
+        if siblings is not None:
+            y = siblings.take(module, x, compute)
+            if y is not None:
+                return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
         weight, quant_state = module.weight, module.weight.quant_state
         product = cache.get((compute, x.device))
         if product is None or product.key != _key(weight, quant_state):
@@ -397,8 +404,10 @@ def patch(model) -> Callable[[], None]:
         had_own = "forward" in module.__dict__
         module.forward = _forward(module, module.forward)
         patched.append((module, had_own, current))
+    grouped = nf4_group.attach(model, is_patched)
 
     def restore():
+        nf4_group.detach(grouped)
         while patched:
             module, had_own, previous = patched.pop()
             if had_own:

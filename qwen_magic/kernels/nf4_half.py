@@ -176,6 +176,15 @@ class HalfPlan:
                               num_warps=cfg.num_warps)
         self.steps = per_split
         self.key = _key(weight, quant_state)
+        self.parts = [(self.packed, self.absmax, self.absmax2, self.offset)]  # one launch's weights (GroupPlan: several)
+        self.starts = []  # the output row where each weight after the first starts
+
+    def _segments(self):
+        """The kernel's per-weight arguments: the first weight's tensors, then (tensors, first row) of the second and
+        third (repeats of the first, never reached, when there are fewer)."""
+        parts = self.parts + [self.parts[0]] * (3 - len(self.parts))
+        starts = self.starts + [self.n] * (2 - len(self.starts))
+        return [*parts[0], *parts[1], starts[0], *parts[2], starts[1]]
 
     def __call__(self, x, bias=None):
         """``x`` (contiguous float16, K values, 16-byte aligned) -> ``(N,)`` in ``self.out_dtype``."""
@@ -190,12 +199,46 @@ class HalfPlan:
         out = torch.empty(n, dtype=self.out_dtype, device=self.device)
         target = out if self.splits == 1 else torch.empty(self.splits * n, dtype=torch.float32, device=self.device)
         with on(self.device):
-            self.kernel[self.grid](x, self.packed, self.absmax, self.code2, self.absmax2, self.offset, bias_arg, target,
-                                   n, self.k // 8, self.w_split, self.steps, *self.table, HAS_BIAS=has_bias, **self.constants)
+            self.kernel[self.grid](x, *self._segments(), self.code2, bias_arg, target, n, self.k // 8, self.w_split, self.steps,
+                                   *self.table, HAS_BIAS=has_bias, SEGMENTS=len(self.parts), **self.constants)
             if self.splits > 1:
                 block = 256
                 self.reduce[(-(-n // block),)](target, bias_arg, out, n, SPLITS=self.splits, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
         return out
+
+
+class GroupPlan(HalfPlan):
+    """Two or three weights that multiply the same ``x`` (q, k and v; gate and up) in one launch: the output is their
+    rows one after the other. Each row's arithmetic and summation order are those of the first weight's own
+    :class:`HalfPlan` (same tile configuration), so the results are the same bits as separate launches."""
+
+    def __init__(self, members, device, cfg: Optional[HalfConfig] = None, out_dtype=None, sm_count: int = 132):
+        """``members``: ``(weight, quant_state)`` pairs with the same K, blocksize and statistics' layout; ``cfg``:
+        the tile configuration (default: the first weight's)."""
+        plans = [HalfPlan(weight, state, device, cfg, out_dtype, sm_count) for weight, state in members]
+        first = plans[0]
+        for plan in plans[1:]:
+            if (plan.k, plan.constants["BLOCKSIZE"], plan.constants["BLOCKSIZE2"], plan.constants["NESTED"], plan.table) != (
+                    first.k, first.constants["BLOCKSIZE"], first.constants["BLOCKSIZE2"], first.constants["NESTED"], first.table):
+                raise ValueError("weights of a group must share K, blocksizes, statistics and table")
+        if first.constants["NESTED"] and any(plan.code2 is not first.code2 for plan in plans[1:]):
+            import torch
+
+            # one table of the statistics serves all: bitsandbytes builds the same one for every weight (compared
+            # on the device, so not while a CUDA graph is being captured)
+            if torch.cuda.is_current_stream_capturing() or not all(torch.equal(plan.code2, first.code2) for plan in plans[1:]):
+                raise ValueError("weights of a group must share the statistics' table")
+        rows = first.cfg.rows
+        if not 2 <= len(plans) <= 3 or any(plan.n % rows for plan in plans):
+            raise ValueError(f"a group is 2 or 3 weights, each a multiple of {rows} rows")
+        weight, state = members[0]
+        super().__init__(weight, state, device, first.cfg, out_dtype, sm_count)
+        self.sizes = [plan.n for plan in plans]
+        self.n = sum(self.sizes)
+        self.grid = (self.n // rows, self.splits)
+        self.parts = [plan.parts[0] for plan in plans]
+        self.starts = [sum(self.sizes[:i]) for i in range(1, len(plans))]
+        self.key = tuple(plan.key for plan in plans)
 
 
 def bnb_arithmetic(x, packed, quant_state, bias=None):
@@ -223,25 +266,25 @@ def bnb_arithmetic(x, packed, quant_state, bias=None):
 
 
 def check(device) -> Optional[str]:
-    """Run the float16 kernel once on ``device`` (compiling it) against :func:`bnb_arithmetic`, with and
-    without a K split; None when it agrees, else why not (one line)."""
+    """Run the float16 kernel once on ``device`` (compiling it) against :func:`bnb_arithmetic`, as Qwen2.5's q/k/v
+    projections take it (three weights in one launch, a bias, their tile configuration: a model reuses this
+    compile); None when it agrees, else why not (one line)."""
     import torch
 
     try:
         from bitsandbytes import functional as F
 
         generator = torch.Generator(device=device).manual_seed(0)
-        weight = torch.randn(96, 1024, device=device, generator=generator) * 0.02
-        packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+        members = [F.quantize_4bit(torch.randn(n, 1024, device=device, generator=generator) * 0.02, blocksize=64, quant_type="nf4")
+                   for n in (96, 32, 32)]
         x = torch.randn(1024, device=device, generator=generator).half()
-        bias = torch.randn(96, device=device, generator=generator).half()
-        reference, size = bnb_arithmetic(x, packed, state, bias)
+        biases = [torch.randn(n, device=device, generator=generator).half() for n in (96, 32, 32)]
+        y = GroupPlan(members, torch.device(device), TUNED[(3584, 3584)])(x, torch.cat(biases)).double()
         worst = 0.0
-        # the configuration (with a bias) that Qwen2.5's q/k/v projections take, so a model reuses this compile
-        for cfg in (TUNED[(3584, 3584)],):
-            y = HalfPlan(packed, state, torch.device(device), cfg)(x, bias).double()
+        for (packed, state), bias, part in zip(members, biases, y.split([96, 32, 32])):
+            reference, size = bnb_arithmetic(x, packed, state, bias)
             limit = 2.0 ** -10 * reference.abs() + 2.0 ** -16 * size + 1e-6  # float16 output rounding, float32 sums
-            worst = max(worst, ((y - reference).abs() / limit).max().item())
+            worst = max(worst, ((part - reference).abs() / limit).max().item())
     except Exception as error:
         return f"the float16 4-bit kernel failed to run: {type(error).__name__}: {error}".splitlines()[0][:300]
     return None if worst <= 1 else f"the float16 4-bit kernel disagrees with bitsandbytes' arithmetic ({worst:.3g} times the bound)"
