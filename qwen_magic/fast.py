@@ -355,7 +355,7 @@ class FastEngine:
     def _generate(self, ids, settings, emit, stop_event, info, marks=()) -> None:
         clock = time.perf_counter
         info["timings"] = timings = {"start": clock()}
-        sampler = Sampler(self.model, settings, ids, self.device)
+        sampler = Sampler(self.model, settings, ids, self.device, self.kernels)
         logits = self.prefill(ids, reserve=settings.max_new_tokens, stop_event=stop_event, marks=marks)
         timings["prefill_queued"] = clock()
         info["cached_tokens"] = self.reused

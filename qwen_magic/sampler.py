@@ -13,9 +13,12 @@ class Sampler:
 
     The draw is the exponential-race form of sampling (argmax of p / E, E ~ Exp(1)),
     which needs no host synchronisation, unlike ``torch.multinomial``.
+
+    ``kernels``: the fast engine's kernel modules; with :mod:`qwen_magic.kernels.sample` among them, greedy
+    picks and top-k sampling take its two launches instead of about twenty PyTorch kernels.
     """
 
-    def __init__(self, model, settings: GenerationSettings, prompt: List[int], device):
+    def __init__(self, model, settings: GenerationSettings, prompt: List[int], device, kernels=()):
         defaults = model.generation_config
         self.greedy = not settings.do_sample or settings.temperature == 0
         self.temperature = settings.temperature
@@ -30,12 +33,21 @@ class Sampler:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(prompt, device=device)] = True
         self.generator = None
+        seed = settings.seed if settings.seed is not None else random.randrange(2**63)
         if not self.greedy:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(settings.seed if settings.seed is not None else random.randrange(2**63))
+            self.generator.manual_seed(seed)
+        self.kernel = None
+        sample = next((module for module in kernels if module.__name__.endswith(".sample")), None)
+        vocab = model.get_output_embeddings().weight.shape[0] if sample is not None else 0
+        if sample is not None and sample.handles(self.top_k, vocab, self.greedy):
+            self.kernel = sample.SampleKernel(vocab, device, greedy=self.greedy, temperature=self.temperature, top_k=self.top_k,
+                                              top_p=self.top_p, penalty=self.penalty, seed=seed)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(1, vocab) logits -> (1, 1) token id, on the same device."""
+        if self.kernel is not None and self.kernel.takes(logits):
+            return self.kernel(logits, self.seen)
         scores = logits.float()
         if self.seen is not None:
             penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)

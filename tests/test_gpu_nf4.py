@@ -267,3 +267,37 @@ def test_groups_in_a_patched_model_give_the_same_bits():
         restore()
     assert not any(nf4_group.of(m) for m in block.modules())
 
+
+@pytest.mark.parametrize("penalty", [1.0, 1.05])
+def test_sampling_kernel_on_the_gpu(penalty):
+    """Qwen2.5's vocabulary: greedy picks equal PyTorch's argmax of the penalized scores (float16 logits, so with
+    ties), and draws stay in what transformers' processors keep, following their probabilities."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from qwen_magic.kernels.sample import SampleKernel
+
+    vocab, prompt = 152064, list(range(0, 152064, 997))
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for trial in range(20):
+        logits = (torch.randn(1, vocab, device="cuda", generator=generator) * 4).half()
+        seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
+        seen[torch.tensor(prompt, device="cuda")] = True
+        scores = logits.float()
+        expected = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores).argmax(dim=-1)
+        assert int(SampleKernel(vocab, "cuda", greedy=True, penalty=penalty)(logits, seen)) == int(expected)
+    logits = (torch.randn(1, vocab, device="cuda", generator=generator) * 3).half()
+    kept = logits.float()
+    for process in [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)]:
+        kept = process(torch.tensor([prompt], device="cuda"), kept)
+    probs = kept.softmax(-1)[0]
+    kernel = SampleKernel(vocab, "cuda", temperature=0.7, top_k=20, top_p=0.9, penalty=penalty, seed=1)
+    seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
+    seen[torch.tensor(prompt, device="cuda")] = True
+    draws = 4000
+    counts = torch.zeros(vocab, device="cuda")
+    for _ in range(draws):
+        counts[kernel(logits, seen.clone()).view(-1)] += 1
+    assert bool((counts[probs == 0] == 0).all())
+    spread = (probs * (1 - probs) * draws).sqrt()
+    assert bool(((counts - probs * draws).abs() <= 5 * spread + 2).all())

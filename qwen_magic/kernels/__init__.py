@@ -40,7 +40,7 @@ def load_kernels(device, wanted: bool, dtype=None):
     if not wanted or os.environ.get("QWEN_MAGIC_KERNELS", "1") == "0":
         return [], ""
     found, reasons = [], []
-    for name in ("nf4", "fused", "decode"):
+    for name in ("nf4", "fused", "decode", "sample"):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
             reason = module.available(device)
