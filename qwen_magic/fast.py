@@ -40,7 +40,7 @@ from .split import capture_split, decoder_for
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely ...
 GROWTH_MAX = 512  # ... but at most this many positions (a long history's cache grows again by a copy and a ~40 ms capture)
-PREFILL_CHUNK = 2048  # tokens per prefill forward: bounds activation memory on long prompts
+PREFILL_CHUNK = 2048  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
 FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 
 
@@ -55,6 +55,17 @@ def common_prefix(a: List[int], b: List[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def _chunk_end(begin: int, start: int, end: int) -> int:
+    """Where a prefill forward from ``start`` stops, in a prefill of positions ``begin`` to ``end``. Up to twice
+    PREFILL_CHUNK tokens go in one forward, as the recipe's (each forward dequantizes every 4-bit weight once, and
+    a short last chunk would cost that for little work); more go in equal chunks of at most PREFILL_CHUNK, which
+    keeps the activations of a long prompt below those of a 2 × PREFILL_CHUNK forward."""
+    total = end - begin
+    if total <= 2 * PREFILL_CHUNK:
+        return end
+    return min(end, start + -(-total // -(-total // PREFILL_CHUNK)))
 
 
 def _round_up(n: int, step: int) -> int:
@@ -214,7 +225,7 @@ class FastEngine:
         while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
-            end = min([start + PREFILL_CHUNK, len(ids)] + [m for m in marks if m > start])
+            end = min([_chunk_end(keep, start, len(ids))] + [m for m in marks if m > start])
             extra = None
             if self.chunk_inputs is not None:
                 end, extra = self.chunk_inputs(start, end)
