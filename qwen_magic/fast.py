@@ -332,11 +332,16 @@ class FastEngine:
     # --- a reply
 
     def warm_up(self) -> None:
-        """Allocate a first cache and capture its graph, so the first reply does not wait for them."""
+        """Allocate a first cache and capture its graph, so the first reply does not wait for them; the chat
+        template (compiled on its first use) and the sampler take their first call here too."""
         with self.lock, torch.inference_mode():
-            ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+            try:
+                ids = prepare(self.tokenizer, [{"role": "user", "content": "Hello"}])[0]
+            except Exception:  # a tokenizer without a usable chat template: the first reply will say so
+                ids = self.tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
             logits = self.prefill(ids, reserve=FIRST_CAPACITY)
-            self.step(logits.argmax(dim=-1, keepdim=True), len(ids))
+            token = Sampler(self.model, GenerationSettings(), ids, self.device, self.kernels)(logits)
+            self.step(token, len(ids))
             self.cached_ids = []  # what the warm-up wrote is not a conversation
             if self.states is not None:
                 self.states.clear()
