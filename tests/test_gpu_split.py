@@ -14,7 +14,7 @@ from qwen_magic.fast import FastEngine
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from test_fast import forced_logits, reference_logits, relative_error
-from test_gpu import graph_matches_eager_and_a_plain_forward, reply_to
+from test_gpu import graph_matches_eager_and_a_plain_forward, incremental_logits, reply_to
 
 pytestmark = [
     pytest.mark.gpu,
@@ -77,7 +77,8 @@ def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
 
 def test_greedy_turns_and_regenerate_equal_the_recipe_with_the_same_map(nf4):
     """Greedy tokens equal generate's in float32; in half precision, teacher-forced logits on generate's
-    reply stay within test_gpu_families' half-precision bound (two correct paths may round apart)."""
+    reply stay within test_gpu_families' half-precision bound (two correct paths may round apart): 2e-2 of a
+    plain forward, or 1.5 times the recipe's own incremental path's distance from it where that is larger."""
     model, tokenizer = nf4.model, nf4.tokenizer
     graphed, classic = nf4.engine, GenerateEngine(model, tokenizer)
     settings = GenerationSettings(do_sample=False, max_new_tokens=24)
@@ -93,7 +94,11 @@ def test_greedy_turns_and_regenerate_equal_the_recipe_with_the_same_map(nf4):
         else:
             prompt = prompt_ids(tokenizer, history)
             forced = forced_logits(graphed, prompt, expected.token_ids[:-1]).float()
-            assert relative_error(forced, reference_logits(model, prompt, expected.token_ids[:-1]).float()) < 2e-2
+            reference = reference_logits(model, prompt, expected.token_ids[:-1]).float()
+            bound = max(2e-2, 1.5 * relative_error(incremental_logits(model, prompt, expected.token_ids[:-1]).float(), reference))
+            error = relative_error(forced, reference)
+            print(f"split float16 turn {len(history)}: {error:.3g} from a plain forward (bound {bound:.3g})")
+            assert error < bound
         again = reply_to(graphed, history, settings)  # regenerate: the same prompt once more
         assert again.cached_tokens > 0
         if exact:
