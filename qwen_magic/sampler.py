@@ -27,9 +27,9 @@ class Sampler:
         self.top_k = 50 if top_k is None else top_k
         penalty = settings.repetition_penalty if settings.repetition_penalty is not None else defaults.repetition_penalty
         self.penalty = 1.0 if penalty is None else penalty
+        vocab = model.get_output_embeddings().weight.shape[0]
         self.seen = None
         if self.penalty != 1.0:
-            vocab = model.get_output_embeddings().weight.shape[0]
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[torch.tensor(prompt, device=device)] = True
         self.generator = None
@@ -39,7 +39,6 @@ class Sampler:
             self.generator.manual_seed(seed)
         self.kernel = None
         sample = next((module for module in kernels if module.__name__.endswith(".sample")), None)
-        vocab = model.get_output_embeddings().weight.shape[0] if sample is not None else 0
         if sample is not None and sample.handles(self.top_k, vocab, self.greedy):
             self.kernel = sample.SampleKernel(vocab, device, greedy=self.greedy, temperature=self.temperature, top_k=self.top_k,
                                               top_p=self.top_p, penalty=self.penalty, seed=seed)

@@ -77,9 +77,9 @@ class SampleKernel:
         from . import _sample_triton
 
         self.kernels, self.vocab, self.device = _sample_triton, vocab, torch.device(device)
-        top_k = min(top_k, vocab)
-        if not greedy and not 0 < top_k <= MAX_TOP_K:
+        if not handles(top_k, vocab, greedy):
             raise ValueError(f"the sampling kernel needs 0 < top_k <= {MAX_TOP_K}, got {top_k}")
+        top_k = min(top_k, vocab)
         self.greedy = greedy
         self.K = 1 if greedy else max(2, 1 << top_k.bit_length())  # a power of two above top_k: room for ties
         self.block, self.chunk = block, max(chunk, self.K)
