@@ -215,24 +215,23 @@ class GroupPlan(HalfPlan):
     def __init__(self, members, device, cfg: Optional[HalfConfig] = None, out_dtype=None, sm_count: int = 132):
         """``members``: ``(weight, quant_state)`` pairs with the same K, blocksize and statistics' layout; ``cfg``:
         the tile configuration (default: the first weight's)."""
-        plans = [HalfPlan(weight, state, device, cfg, out_dtype, sm_count) for weight, state in members]
-        first = plans[0]
+        weight, state = members[0]
+        super().__init__(weight, state, device, cfg, out_dtype, sm_count)
+        plans = [self] + [HalfPlan(weight, state, device, self.cfg, out_dtype, sm_count) for weight, state in members[1:]]
         for plan in plans[1:]:
             if (plan.k, plan.constants["BLOCKSIZE"], plan.constants["BLOCKSIZE2"], plan.constants["NESTED"], plan.table) != (
-                    first.k, first.constants["BLOCKSIZE"], first.constants["BLOCKSIZE2"], first.constants["NESTED"], first.table):
+                    self.k, self.constants["BLOCKSIZE"], self.constants["BLOCKSIZE2"], self.constants["NESTED"], self.table):
                 raise ValueError("weights of a group must share K, blocksizes, statistics and table")
-        if first.constants["NESTED"] and any(plan.code2 is not first.code2 for plan in plans[1:]):
+        if self.constants["NESTED"] and any(plan.code2 is not self.code2 for plan in plans[1:]):
             import torch
 
             # one table of the statistics serves all: bitsandbytes builds the same one for every weight (compared
             # on the device, so not while a CUDA graph is being captured)
-            if torch.cuda.is_current_stream_capturing() or not all(torch.equal(plan.code2, first.code2) for plan in plans[1:]):
+            if torch.cuda.is_current_stream_capturing() or not all(torch.equal(plan.code2, self.code2) for plan in plans[1:]):
                 raise ValueError("weights of a group must share the statistics' table")
-        rows = first.cfg.rows
+        rows = self.cfg.rows
         if not 2 <= len(plans) <= 3 or any(plan.n % rows for plan in plans):
             raise ValueError(f"a group is 2 or 3 weights, each a multiple of {rows} rows")
-        weight, state = members[0]
-        super().__init__(weight, state, device, first.cfg, out_dtype, sm_count)
         self.sizes = [plan.n for plan in plans]
         self.n = sum(self.sizes)
         self.grid = (self.n // rows, self.splits)
