@@ -35,3 +35,18 @@ def replies_match_the_recipe(ip, classic, questions, line, max_new_tokens):
         assert ip.user_ns["_qwen"] == history[-1]["content"]
         assert shown.outputs[-1].data["text/markdown"].startswith(history[-1]["content"])
     return history, shown
+
+
+def transformers_scores(logits, prompt, temperature, top_k, top_p, penalty):
+    """The scores (one row, float32) transformers' sampling processors leave for ``logits`` after ``prompt``: repetition
+    penalty, temperature, top-k and top-p, in generate's order; -inf where a token may not be drawn."""
+    import torch
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    scores = logits.float().clone()
+    ids = torch.tensor([prompt], device=logits.device)
+    for process in [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                    TopPLogitsWarper(top_p)]:
+        scores = process(ids, scores)
+    return scores[0]

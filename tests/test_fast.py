@@ -7,6 +7,7 @@ pass must give the same logits at every step.
 
 import pytest
 import torch
+from helpers import transformers_scores
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_magic import attention, fast
@@ -162,19 +163,13 @@ def test_seeded_samples_repeat(engine):
 
 
 def test_sampler_keeps_the_same_tokens_as_transformers(model_and_tokenizer):
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
     model, _ = model_and_tokenizer
     torch.manual_seed(0)
     logits = torch.randn(1, model.config.vocab_size) * 3
     prompt = [5, 9, 9, 40]
     settings = GenerationSettings(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.3)
-    theirs = logits.clone()
-    ids = torch.tensor([prompt])
-    for process in [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)]:
-        theirs = process(ids, theirs)
-    allowed = set(torch.nonzero(theirs[0] > float("-inf")).view(-1).tolist())
+    theirs = transformers_scores(logits, prompt, 0.7, 20, 0.8, 1.3)
+    allowed = set(torch.nonzero(theirs > float("-inf")).view(-1).tolist())
     # A fresh sampler per draw: each one also marks what it drew as seen, for the penalty.
     drawn = {int(Sampler(model, settings.overridden(seed=i), prompt, torch.device("cpu"))(logits)) for i in range(300)}
     assert drawn <= allowed and len(drawn) > 1

@@ -272,8 +272,7 @@ def test_groups_in_a_patched_model_give_the_same_bits():
 def test_sampling_kernel_on_the_gpu(penalty):
     """Qwen2.5's vocabulary: greedy picks equal PyTorch's argmax of the penalized scores (float16 logits, so with
     ties), and draws stay in what transformers' processors keep, following their probabilities."""
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from helpers import transformers_scores
 
     from qwen_magic.kernels.sample import SampleKernel
 
@@ -287,10 +286,7 @@ def test_sampling_kernel_on_the_gpu(penalty):
         expected = torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores).argmax(dim=-1)
         assert int(SampleKernel(vocab, "cuda", greedy=True, penalty=penalty)(logits, seen)) == int(expected)
     logits = (torch.randn(1, vocab, device="cuda", generator=generator) * 3).half()
-    kept = logits.float()
-    for process in [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)]:
-        kept = process(torch.tensor([prompt], device="cuda"), kept)
-    probs = kept.softmax(-1)[0]
+    probs = transformers_scores(logits, prompt, 0.7, 20, 0.9, penalty).softmax(-1)
     kernel = SampleKernel(vocab, "cuda", temperature=0.7, top_k=20, top_p=0.9, penalty=penalty, seed=1)
     seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
     seen[torch.tensor(prompt, device="cuda")] = True

@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from helpers import transformers_scores
 from interpreter import run_in_interpreter
 
 CHILD = os.environ.get("QWEN_MAGIC_SAMPLE_CHILD") == "1"
@@ -28,18 +29,6 @@ def test_kernels_in_the_interpreter():
     result = run_in_interpreter(__file__, "QWEN_MAGIC_SAMPLE_CHILD", "-x")
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
-
-
-def allowed_by_transformers(logits, prompt, temperature, top_k, top_p, penalty):
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-
-    scores = logits.clone()
-    ids = torch.tensor([prompt])
-    for process in [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
-                    TopPLogitsWarper(top_p)]:
-        scores = process(ids, scores)
-    return scores[0]
 
 
 def seen_mask(vocab, prompt):
@@ -78,7 +67,7 @@ def test_draws_stay_in_what_transformers_keeps(top_k, top_p, draws):
     vocab, prompt = 700, [5, 9, 40, 41]
     generator = torch.Generator().manual_seed(top_k)
     logits = torch.randn(1, vocab, generator=generator) * 2
-    kept = allowed_by_transformers(logits, prompt, 0.7, top_k, top_p, 1.05)
+    kept = transformers_scores(logits, prompt, 0.7, top_k, top_p, 1.05)
     allowed = set(torch.nonzero(kept > float("-inf")).view(-1).tolist())
     probs = kept.softmax(-1)
     # small blocks, and the candidates scored once: the interpreter is slow (the GPU test draws end to end)
@@ -108,7 +97,7 @@ def test_top_k_keeps_ties_and_top_p_keeps_the_largest():
     vocab = 400
     logits = torch.full((1, vocab), -5.0)
     logits[0, [10, 11, 12]] = 3.0  # three equal scores at the top, top_k = 2 keeps all three (as transformers does)
-    kept = allowed_by_transformers(logits, [0], 1.0, 2, 1.0, 1.0)
+    kept = transformers_scores(logits, [0], 1.0, 2, 1.0, 1.0)
     assert set(torch.nonzero(kept > float("-inf")).view(-1).tolist()) == {10, 11, 12}
     kernel = SampleKernel(vocab, "cpu", top_k=2, seed=0, block=256, chunk=64)
     kernel.score(logits)
@@ -149,7 +138,7 @@ def test_the_sampler_takes_the_kernel(tiny_model_dir):
     settings = GenerationSettings(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.3)
     sampler = Sampler(model, settings, prompt, torch.device("cpu"), kernels=[sample])
     assert sampler.kernel is not None
-    kept = allowed_by_transformers(logits, prompt, 0.7, 20, 0.8, 1.3)
+    kept = transformers_scores(logits, prompt, 0.7, 20, 0.8, 1.3)
     allowed = set(torch.nonzero(kept > float("-inf")).view(-1).tolist())
     drawn = {int(Sampler(model, settings.overridden(seed=i), prompt, torch.device("cpu"), kernels=[sample])(logits)) for i in range(6)}
     assert drawn <= allowed and len(drawn) > 1
