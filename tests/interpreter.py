@@ -14,3 +14,10 @@ def run_in_interpreter(test_file: str, flag: str, *options: str) -> subprocess.C
     env = dict(os.environ, TRITON_INTERPRET="1", **{flag: "1"})
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, os.path.abspath(test_file)],
                           env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def assert_passes_in_interpreter(test_file: str, flag: str, *options: str) -> None:
+    """The child run of ``test_file`` (:func:`run_in_interpreter`) ends well, with tests passed and none failed."""
+    result = run_in_interpreter(test_file, flag, *options)
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -27,7 +27,7 @@ import sys
 
 import pytest
 import torch
-from interpreter import run_in_interpreter
+from interpreter import assert_passes_in_interpreter
 
 CHILD = os.environ.get("QWEN_MAGIC_FUSED_CHILD") == "1"
 
@@ -38,9 +38,7 @@ child_only = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child
 
 @pytest.mark.skipif(CHILD, reason="the parent's launcher")
 def test_kernels_in_the_interpreter():
-    result = run_in_interpreter(__file__, "QWEN_MAGIC_FUSED_CHILD", "-x")
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    assert_passes_in_interpreter(__file__, "QWEN_MAGIC_FUSED_CHILD", "-x")
 
 
 @pytest.fixture(scope="module")

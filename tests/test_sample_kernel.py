@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 from helpers import transformers_scores
-from interpreter import run_in_interpreter
+from interpreter import assert_passes_in_interpreter
 
 CHILD = os.environ.get("QWEN_MAGIC_SAMPLE_CHILD") == "1"
 
@@ -26,9 +26,7 @@ child_only = pytest.mark.skipif(not CHILD, reason="runs in the interpreter child
 
 @pytest.mark.skipif(CHILD, reason="the parent's launcher")
 def test_kernels_in_the_interpreter():
-    result = run_in_interpreter(__file__, "QWEN_MAGIC_SAMPLE_CHILD", "-x")
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and " failed" not in result.stdout
+    assert_passes_in_interpreter(__file__, "QWEN_MAGIC_SAMPLE_CHILD", "-x")
 
 
 def seen_mask(vocab, prompt):
