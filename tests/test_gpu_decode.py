@@ -70,3 +70,46 @@ def test_graph_replay_equals_eager():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, decode.attention(query, key, value, mask, 0.088))
+
+
+PREFILL_CASES = [  # start, query tokens, heads, key/value heads, head size
+    (0, 2500, 28, 4, 128),  # Qwen2.5-7B, a whole prompt
+    (6000, 2000, 28, 4, 128),  # a chunk after a prefix
+    (37, 301, 32, 8, 128),  # Qwen3-8B's grouping, positions off the tiles
+    (0, 77, 16, 16, 64),  # no grouping, head size 64
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"start{c[0]}-m{c[1]}-h{c[2]}-kv{c[3]}-d{c[4]}")
+def test_prefill_kernel_matches_attention(case, dtype):
+    """The prefill attention kernel (kernels/prefill.py) against float64 attention: its error is within the dtype's
+    rounding bound (as in tests/test_prefill_kernel.py) and no larger than 1.5x that of SDPA's flash kernel on the same
+    inputs (plus a float32 ulp's worth), cache positions past the chunk holding NaN/inf (not read)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from qwen_magic.kernels import prefill
+    from test_prefill_kernel import reference as float64_reference
+
+    assert prefill.check(torch.device("cuda"), dtype) is None
+    start, length, heads, kv_heads, dim = case
+    generator = torch.Generator(device="cuda").manual_seed(start + length)
+    capacity = start + length + 64
+    query = torch.randn(1, length, heads, dim, device="cuda", generator=generator).to(dtype).transpose(1, 2)
+    key = torch.randn(1, kv_heads, capacity, dim, device="cuda", generator=generator).to(dtype)
+    value = torch.randn(1, kv_heads, capacity, dim, device="cuda", generator=generator).to(dtype)
+    end = start + length
+    flash = F.scaled_dot_product_attention(query, key[:, :, :end], value[:, :, :end], attn_mask=causal_lower_right(length, end),
+                                           enable_gqa=True).transpose(1, 2)
+    key[:, :, end:] = float("nan")
+    value[:, :, end:] = float("inf")
+    out = prefill.attention(query, key, value, start, dim ** -0.5)
+    assert out.shape == (1, length, heads, dim) and out.dtype == dtype and out.is_contiguous()
+    expected, size = float64_reference(query, key, value, start)
+    eps = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+    error = (out.double() - expected).abs()
+    assert bool((error <= eps * expected.abs() + 2 * eps * size + 1e-6).all()), f"max error {error.max().item():.3g}"
+    ours, theirs = error.norm().item(), (flash.double() - expected).norm().item()
+    print(f"prefill kernel {dtype}: error {ours:.3g}, SDPA flash {theirs:.3g}")
+    assert ours <= 1.5 * theirs + 1e-6 * expected.norm().item()
