@@ -40,7 +40,7 @@ def timed(fn, repeats=10):
 
 
 def sdpa(query, key, value, start, backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     length, end = query.shape[2], start + query.shape[2]

@@ -1,7 +1,8 @@
 """Attention against the fast engine's static cache (registered with transformers as ``qwen_magic_gqa``).
 
-A prefill reads only the part of the cache written so far; a decode step (a few query
-tokens) groups the query heads that share a key/value head, so the cache is read once.
+A prefill reads only the part of the cache written so far (through the Triton prefill kernel,
+kernels/prefill.py, for modules the engine marked); a decode step (a few query tokens) groups the
+query heads that share a key/value head, so the cache is read once.
 """
 
 import threading
@@ -21,7 +22,10 @@ _GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 SMALL_QUERY = 64  # up to this many query tokens, attention groups heads instead of copying keys and values
 ATTENTION = "qwen_magic_gqa"
 
-_filled = threading.local()  # how many cache positions hold real keys during a prefill forward (``.end``)
+# During the engine's forwards: how many cache positions hold real keys (``.end``), and whether the forward's
+# attention would read no mask (``.maskless``: the model's prefills take paths that need none, see maskless_prefill)
+# when it has more than SMALL_QUERY query tokens (``.length``).
+_filled = threading.local()
 
 
 def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -49,6 +53,10 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     kv_heads = key.shape[1]
     end = getattr(_filled, "end", None)
     if length > SMALL_QUERY and end is not None and end <= key.shape[2]:
+        if getattr(module, "sliding_window", None) is None and not dropout and _prefill_kernel_takes(module, query, key, value):
+            # The Triton kernel (kernels/prefill.py): causal from the chunk's first position, reading the cache as it is.
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+            return _prefill_kernel.attention(query, key, value, end - length, scale), None
         key, value = key[:, :, :end], value[:, :, :end]
         if end == length and getattr(module, "sliding_window", None) is None:
             # The whole prompt from position 0: plain causal attention, as the recipe runs it (the prefill runs under
@@ -100,6 +108,21 @@ def _decode_kernel_takes(module, query, key, value, mask) -> bool:
     return _decode_kernel.usable(module, query, key, value, mask)
 
 
+_prefill_kernel = None  # qwen_magic.kernels.prefill, once a model's attention was marked for it
+
+
+def _prefill_kernel_takes(module, query, key, value) -> bool:
+    """Whether a prefill's attention goes to the Triton kernel (kernels/prefill.py): only for modules the engine marked."""
+    global _prefill_kernel
+    if not getattr(module, "_qwen_magic_prefill_kernel", False):
+        return False
+    if _prefill_kernel is None:
+        from .kernels import prefill as _prefill
+
+        _prefill_kernel = _prefill
+    return _prefill_kernel.usable(module, query, key, value)
+
+
 def no_plan_kernels():
     """SDPA without cuDNN's backend, whose plan is built (slowly) for each new shape and thread: around a
     whole prefill forward (entered once, not per attention call: a picture's vision tower makes thousands)."""
@@ -112,9 +135,33 @@ def no_plan_kernels():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def maskless_prefill(model) -> bool:
+    """Whether every causal attention of ``model`` takes a prefill (more than SMALL_QUERY query tokens, the
+    engine's) on a path that reads no mask: the prefill kernel, SDPA's causal flag from position 0, or its
+    lower-right causal bias (no sliding window, whole groups of query heads, a torch with that bias)."""
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads, kv_heads = getattr(text, "num_attention_heads", 0), getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", 0)
+    if _lower_right is None or not heads or not kv_heads or heads % kv_heads:
+        return False
+    modules = [m for m in model.modules() if getattr(m, "is_causal", False) and hasattr(m, "layer_idx")]
+    return bool(modules) and all(getattr(m, "sliding_window", None) is None for m in modules)
+
+
+def _mask(*args, **kwargs):
+    """transformers' SDPA mask, except in a prefill forward whose attention reads none (``_filled.maskless``, set by
+    the engine where :func:`maskless_prefill` holds): None, with no work. transformers' mask code compares the static
+    cache's write position, a GPU tensor, with 0 on the host: a wait for the GPU at every prefill forward, after
+    which the GPU idles while the host queues the next chunk's first kernels."""
+    if getattr(_filled, "maskless", False) and getattr(_filled, "length", 0) > SMALL_QUERY:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
 def register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, grouped_attention)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION, _mask)

@@ -16,7 +16,11 @@ segment, replayed in order (split.py).
 
 Graphed decode steps run through the Triton kernels of qwen_magic.kernels where they
 load (fused norms, rotary embedding and SiLU·mul; a 4-bit matrix-vector product for
-narrow layers); the prefill stays the recipe's own.
+narrow layers; attention; the sampler). A prefill takes the fused norms, rotary embedding
+and SiLU·mul (the same arithmetic as eager) and, on cards where it is faster, the prefill
+attention kernel; its 4-bit products stay bitsandbytes'. A prefill forward builds no mask
+where its attention reads none, and the prompt goes to the device once: nothing in a
+prefill waits for the GPU, so the host queues chunk after chunk ahead of it.
 """
 
 import inspect
@@ -28,10 +32,11 @@ from typing import Dict, List, Optional
 import torch
 from transformers import StaticCache
 
-from .attention import ATTENTION, _filled, grouped_attention, no_plan_kernels, register_attention  # noqa: F401 (grouped_attention: tests)
+from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill, no_plan_kernels,  # noqa: F401 (grouped_attention: tests)
+                        register_attention)
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
-from .kernels import decoding, load_kernels, release
+from .kernels import decoding, load_kernels, prefilling, release
 from .prompt import encode, prepare, render
 from .sampler import Sampler
 from .settings import GenerationSettings
@@ -40,7 +45,7 @@ from .split import capture_split, decoder_for
 CAPACITY_STEP = 1024  # cache sizes are multiples of this
 GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely ...
 GROWTH_MAX = 512  # ... but at most this many positions (a long history's cache grows again by a copy and a ~40 ms capture)
-PREFILL_CHUNK = 2048  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
+PREFILL_CHUNK = 2730  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
 FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 
 
@@ -58,12 +63,13 @@ def common_prefix(a: List[int], b: List[int]) -> int:
 
 
 def _chunk_end(begin: int, start: int, end: int) -> int:
-    """Where a prefill forward from ``start`` stops, in a prefill of positions ``begin`` to ``end``. Up to twice
-    PREFILL_CHUNK tokens go in one forward, as the recipe's (each forward dequantizes every 4-bit weight once, and
-    a short last chunk would cost that for little work); more go in equal chunks of at most PREFILL_CHUNK, which
-    keeps the activations of a long prompt below those of a 2 × PREFILL_CHUNK forward."""
+    """Where a prefill forward from ``start`` stops, in a prefill of positions ``begin`` to ``end``. Up to 1.5 ×
+    PREFILL_CHUNK tokens (4,095) go in one forward, as the recipe's (each forward dequantizes every 4-bit weight
+    once, and a short last chunk would cost that for little work); more go in equal chunks of at most PREFILL_CHUNK
+    (8,000 tokens: three of 2,667), which keeps a long prompt's activations (and the peak memory with 8,000 tokens
+    of history: 6.53 GiB for the 7B at most, issue 13) below those of a 4,095-token forward."""
     total = end - begin
-    if total <= 2 * PREFILL_CHUNK:
+    if total <= 3 * PREFILL_CHUNK // 2:
         return end
     return min(end, start + -(-total // -(-total // PREFILL_CHUNK)))
 
@@ -126,6 +132,7 @@ class FastEngine:
         if self.grouped:
             register_attention()
             model.set_attn_implementation(ATTENTION)
+        self.maskless = self.grouped and maskless_prefill(model)  # prefill forwards build no mask
 
     # --- the cache
 
@@ -197,12 +204,13 @@ class FastEngine:
         self._write_at(start)
         self.write_position = start + ids.shape[1]
         _filled.end = start + ids.shape[1]
+        _filled.maskless, _filled.length = self.maskless, ids.shape[1]
         kwargs = {"position_ids": positions[None], self.cache_keyword: self.cache, **(extra or {})}
         try:
-            with no_plan_kernels():
+            with no_plan_kernels(), (prefilling() if self.kernels else nullcontext()):
                 out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
         finally:
-            _filled.end = None
+            _filled.end, _filled.maskless = None, False
         return out.logits[:, -1, :]
 
     def prefill(self, ids: List[int], reserve: int = 0, stop_event=None, marks=()) -> torch.Tensor:
@@ -222,6 +230,10 @@ class FastEngine:
         logits = None
         marks = sorted(m for m in marks if keep < m < len(ids)) if self.states is not None else []
         start = keep
+        # The new tokens go to the device once (a copy per chunk from a list would wait for the chunk before it).
+        tokens = torch.tensor([ids[keep:]], dtype=torch.long)
+        if self.device.type == "cuda":
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
         while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
@@ -229,7 +241,7 @@ class FastEngine:
             extra = None
             if self.chunk_inputs is not None:
                 end, extra = self.chunk_inputs(start, end)
-            logits = self._forward(torch.tensor([ids[start:end]], device=self.device), start, extra)
+            logits = self._forward(tokens[:, start - keep:end - keep], start, extra)
             self.cached_ids = ids[:end]
             if end in marks:
                 self.states.record(self.cached_ids)

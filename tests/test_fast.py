@@ -136,6 +136,31 @@ def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monk
     assert all(keys == engine.reused + queries for _, queries, keys, _ in seen[:layers])
 
 
+def test_a_prefill_builds_no_mask(engine, model_and_tokenizer, monkeypatch):
+    """A prefill forward's attention reads no mask (maskless_prefill), so none is built: transformers' mask code reads
+    the static cache's write position back from the device, a wait for the GPU at every forward. A decode step
+    still gets its mask; the logits stay the plain forward's."""
+    import transformers.masking_utils as masking
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setattr(attention, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
+    built = []
+    original = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda *args, **kwargs: built.append(1) or original(*args, **kwargs))
+    assert engine.maskless
+    first = tokenizer("介绍广州这座城市, please, in a few words, and its food too.", add_special_tokens=False)["input_ids"]
+    reply = tokenizer(" Guangzhou is a city.", add_special_tokens=False)["input_ids"]
+    engine.cached_ids = []
+    with torch.inference_mode():
+        engine.prefill(first, reserve=len(reply) + 1)
+    assert not built  # several chunks, no mask
+    engine.cached_ids = []
+    got = forced_logits(engine, first, reply)
+    assert built  # the decode steps' masks
+    assert relative_error(got, reference_logits(model, first, reply)) < 1e-5
+
+
 def greedy_turns_equal_the_recipe(engine, classic, settings):
     """Three chat turns, each greedy reply equal to the classic recipe's; the last reply and the history."""
     history = []

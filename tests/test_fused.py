@@ -156,6 +156,14 @@ def test_silu_mul(fused, dtype):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
     else:
         assert torch.equal(got, expected)
+    # in place (the patched MLP's way): the same values, written over gate; a strided gate gets a new tensor
+    written = fused.silu_mul(gate.clone(), up, in_place=True)
+    assert torch.equal(written, got)
+    target = gate.clone()
+    assert fused.silu_mul(target, up, in_place=True) is target
+    strided = gate.clone().t().contiguous().t()
+    out = fused.silu_mul(strided, up, in_place=True)
+    assert out is not strided and torch.equal(out, got) and torch.equal(strided, gate)
 
 
 def tiny_model(tmp_path, family, dtype=torch.float32):

@@ -10,9 +10,10 @@ _decoding = threading.local()
 _engines = 0  # fast engines using the kernels now: while any is open, they run inside decoding() alone
 
 
-def allowed() -> bool:
-    """Whether a patched module may take its kernel now (always, unless an open engine keeps them to its decode steps)."""
-    return _engines == 0 or getattr(_decoding, "on", False)
+def allowed(prefill: bool = False) -> bool:
+    """Whether a patched module may take its kernel now (always, unless an open engine keeps them to its decode steps;
+    ``prefill``: a kernel that also takes the engine's prefill forwards, inside prefilling())."""
+    return _engines == 0 or getattr(_decoding, "on", False) or (prefill and getattr(_decoding, "prefill", False))
 
 
 def release() -> None:
@@ -33,6 +34,19 @@ def decoding():
         _decoding.on = before
 
 
+@contextmanager
+def prefilling():
+    """The fast engine's prefill forwards: the fused norms, rotary embedding and SiLU·mul run here too (fused.py: the
+    same arithmetic as eager, rounded where it rounds; fewer passes over a long prompt's activations, and no float32
+    copies of them). The 4-bit matrix-vector kernels and the decode attention stay with decode steps."""
+    before = getattr(_decoding, "prefill", False)
+    _decoding.prefill = True
+    try:
+        yield
+    finally:
+        _decoding.prefill = before
+
+
 def load_kernels(device, wanted: bool, dtype=None):
     """The kernel modules (qwen_magic.kernels) usable on ``device``, and why any (or part of one) is not (one line).
     A module with a ``check`` runs its kernels once against eager arithmetic in ``dtype`` first."""
@@ -40,7 +54,7 @@ def load_kernels(device, wanted: bool, dtype=None):
     if not wanted or os.environ.get("QWEN_MAGIC_KERNELS", "1") == "0":
         return [], ""
     found, reasons = [], []
-    for name in ("nf4", "fused", "decode", "sample"):
+    for name in ("nf4", "fused", "decode", "sample", "prefill"):
         try:
             module = importlib.import_module(f"{__name__}.{name}")
             reason = module.available(device)

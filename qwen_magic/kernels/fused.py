@@ -119,7 +119,7 @@ _LAUNCH = dict(enable_fp_fusion=False)
 
 
 def _usable(*tensors) -> bool:
-    return allowed() and all(
+    return allowed(prefill=True) and all(
         isinstance(t, torch.Tensor) and t.dtype in _DTYPES and (t.is_cuda or (_force_cpu and t.device.type == "cpu"))
         for t in tensors
     )
@@ -198,11 +198,12 @@ def _rope_supported(q, k, cos, sin) -> bool:
     return True
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for two tensors of one shape and dtype."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` for two tensors of one shape and dtype; ``in_place``: written over ``gate`` when it is
+    contiguous (each element is read before it is written), so a long prompt's MLP holds two intermediates, not three."""
     k = _build()
     g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    out = gate if in_place and g is gate else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = g.numel()
     if n == 0:
         return out

@@ -166,7 +166,7 @@ def _mlp_forward(module, original):
         gate = module.gate_proj(x)
         up = module.up_proj(x)
         if _fused._usable(gate, up) and gate.dtype == up.dtype and gate.shape == up.shape and gate.device == up.device:
-            hidden = _fused.silu_mul(gate, up)
+            hidden = _fused.silu_mul(gate, up, in_place=True)  # gate is this forward's own
         else:
             hidden = module.act_fn(gate) * up
         return module.down_proj(hidden)
