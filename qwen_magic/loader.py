@@ -207,6 +207,12 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
     """Load the weights that ``prepare`` checked (the slow part, and the one that takes GPU memory)."""
     name, config, tokenizer = plan.name, plan.config, plan.tokenizer
     notify(f"Loading {name} ({plan.precision}) …")
+    if plan.engine != "generate" and torch.cuda.is_available():
+        from . import kernels  # the fast engine's kernels compile and check while the weights load
+
+        named = re.fullmatch(r"cuda:(\d+)", str(plan.model_kwargs.get("device_map", "")).strip())
+        kernels.start_checks(torch.device("cuda", int(named.group(1)) if named else torch.cuda.current_device()),
+                             plan.model_kwargs.get("dtype"))
     try:
         if plan.processor is not None:
             from transformers import AutoModelForImageTextToText

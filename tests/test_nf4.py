@@ -435,3 +435,49 @@ def test_siblings_share_one_launch(monkeypatch):
     assert group.take(q, x, torch.float16) is None
     restore()
     assert not any(nf4_group.of(m) for m in layer.modules()) and not any(nf4.is_patched(m) for m in layer.modules())
+
+
+def test_kernel_checks_run_at_once_and_ahead(monkeypatch):
+    """On a CUDA device the modules' checks run at the same time (each waits here for all the others: run one after
+    another they would time out); start_checks runs them in the background and load_kernels takes its results
+    without checking again. (A CPU device checks one at a time: the interpreter is not thread-safe.)"""
+    import threading
+
+    import torch
+
+    from qwen_magic import kernels
+
+    barrier = threading.Barrier(len(kernels.NAMES), timeout=20)
+    calls = []
+
+    def fake(name):
+        def check(device=None, dtype=None):
+            calls.append(name)
+            barrier.wait()
+            return None if name != "sample" else "sample: not here"
+        return check
+
+    modules = {name: __import__(f"qwen_magic.kernels.{name}", fromlist=["check"]) for name in kernels.NAMES}
+    for name, module in modules.items():
+        monkeypatch.setattr(module, "available", lambda device=None: None)
+        monkeypatch.setattr(module, "check", fake(name))
+    monkeypatch.setattr(modules["nf4"], "HALF_NOTE", "")
+    monkeypatch.setattr(kernels, "_key", lambda device, dtype: (str(device), dtype))
+    cuda = torch.device("cuda", 0)  # nothing runs on it: the checks are fakes
+    kernels.start_checks(cuda, torch.float16)
+    kernels.start_checks(cuda, torch.float16)  # already started: not twice
+    found, why = kernels.load_kernels(cuda, True, torch.float16)
+    try:
+        assert sorted(calls) == sorted(kernels.NAMES)
+        assert [module.__name__.rsplit(".", 1)[-1] for module in found] == ["nf4", "fused", "decode", "prefill"]
+        assert why == "sample: not here"
+    finally:
+        kernels.release()
+    calls.clear()
+    barrier.reset()
+    found, _ = kernels.load_kernels(cuda, True, torch.float16)  # nothing started: checked here, at once again
+    kernels.release()
+    assert sorted(calls) == sorted(kernels.NAMES) and len(found) == 4
+    monkeypatch.setenv("QWEN_MAGIC_KERNELS", "0")
+    kernels.start_checks(cuda, torch.float16)
+    assert not kernels._started
