@@ -23,28 +23,45 @@ def release() -> None:
 
 
 @contextmanager
-def decoding():
-    """The fast engine's decode steps (warm-ups, graph capture, eager steps): the kernels run here. Its prefill,
-    and anything else using the model (transformers' generate for a window with pictures), keep the stock path."""
-    before = getattr(_decoding, "on", False)
-    _decoding.on = True
+def _flagged(flag: str):
+    """``_decoding.<flag>`` set in this thread while the context runs (nested ones keep the outer value after)."""
+    before = getattr(_decoding, flag, False)
+    setattr(_decoding, flag, True)
     try:
         yield
     finally:
-        _decoding.on = before
+        setattr(_decoding, flag, before)
 
 
-@contextmanager
+def decoding():
+    """The fast engine's decode steps (warm-ups, graph capture, eager steps): the kernels run here. Its prefill,
+    and anything else using the model (transformers' generate for a window with pictures), keep the stock path."""
+    return _flagged("on")
+
+
 def prefilling():
     """The fast engine's prefill forwards: the fused norms, rotary embedding and SiLU·mul run here too (fused.py: the
     same arithmetic as eager, rounded where it rounds; fewer passes over a long prompt's activations, and no float32
     copies of them). The 4-bit matrix-vector kernels and the decode attention stay with decode steps."""
-    before = getattr(_decoding, "prefill", False)
-    _decoding.prefill = True
-    try:
-        yield
-    finally:
-        _decoding.prefill = before
+    return _flagged("prefill")
+
+
+def mark_attention(model, mark: str):
+    """Set attribute ``mark`` on ``model``'s causal self-attention modules (those with ``is_causal`` and a
+    ``layer_idx``), for a kernel module's routing (decode.py, prefill.py); returns the function that removes the marks."""
+    marked = []
+    for module in model.modules():
+        if getattr(module, "is_causal", False) and hasattr(module, "layer_idx") and not getattr(module, mark, False):
+            setattr(module, mark, True)
+            marked.append(module)
+
+    def restore():
+        while marked:
+            module = marked.pop()
+            if getattr(module, mark, False):
+                delattr(module, mark)
+
+    return restore
 
 
 NAMES = ("nf4", "fused", "decode", "sample", "prefill")

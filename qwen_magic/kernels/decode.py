@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import allowed
+from . import allowed, mark_attention
 from .device import on, unsupported
 
 _MARK = "_qwen_magic_decode_kernel"
@@ -189,16 +189,4 @@ def _cache_update(layer, original):
 def patch(model) -> Callable[[], None]:
     """Mark ``model``'s causal self-attention modules (those with ``is_causal`` and a ``layer_idx``) for
     :func:`attention`; returns the function that removes the marks."""
-    marked = []
-    for module in model.modules():
-        if getattr(module, "is_causal", False) and hasattr(module, "layer_idx") and not getattr(module, _MARK, False):
-            setattr(module, _MARK, True)
-            marked.append(module)
-
-    def restore():
-        while marked:
-            module = marked.pop()
-            if getattr(module, _MARK, False):
-                delattr(module, _MARK)
-
-    return restore
+    return mark_attention(model, _MARK)

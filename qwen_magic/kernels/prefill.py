@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import mark_attention
 from .device import on, unsupported
 
 _MARK = "_qwen_magic_prefill_kernel"
@@ -51,11 +52,12 @@ def used_on(device) -> bool:
 
 
 def _build():
+    """The kernel module, and whether Triton's CPU interpreter runs it (both fixed once triton is imported)."""
     global _kernels
     if _kernels is None:
         from . import _prefill_triton
 
-        _kernels = _prefill_triton
+        _kernels = _prefill_triton, os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return _kernels
 
 
@@ -83,13 +85,12 @@ def attention(query, key, value, start: int, scaling: float) -> torch.Tensor:
     """``query`` (1, H, M, D): the chunk's queries at cache positions ``start .. start + M - 1``; ``key``/``value``
     (1, KVH, S, D) with S >= start + M (the static cache) -> causal attention, (1, M, H, D) as attention
     interfaces return it."""
-    k = _build()
+    k, interpreted = _build()
     heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
     group = heads // key.shape[1]
     out = torch.empty((1, length, heads, dim), dtype=query.dtype, device=query.device)
     if length == 0:
         return out
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     with on(query.device):
         k.prefill_attention_kernel[(heads, -(-length // BLOCK_M))](
             query, key, value, out, length, start, float(scaling) * _LOG2E,
@@ -136,21 +137,8 @@ def check(device=None, dtype=torch.float16) -> Optional[str]:
 def patch(model) -> Callable[[], None]:
     """Mark ``model``'s causal self-attention modules for :func:`attention` where prefills take the kernel (see
     :func:`used_on`); returns the function that removes the marks."""
-    marked = []
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    if used_on(device):
-        for module in model.modules():
-            if getattr(module, "is_causal", False) and hasattr(module, "layer_idx") and not getattr(module, _MARK, False):
-                setattr(module, _MARK, True)
-                marked.append(module)
-
-    def restore():
-        while marked:
-            module = marked.pop()
-            if getattr(module, _MARK, False):
-                delattr(module, _MARK)
-
-    return restore
+    return mark_attention(model, _MARK) if used_on(device) else (lambda: None)
