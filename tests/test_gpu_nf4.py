@@ -297,3 +297,53 @@ def test_sampling_kernel_on_the_gpu(penalty):
     assert bool((counts[probs == 0] == 0).all())
     spread = (probs * (1 - probs) * draws).sqrt()
     assert bool(((counts - probs * draws).abs() <= 5 * spread + 2).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [True, False], ids=["nested", "plain"])
+@pytest.mark.parametrize("n,k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_prefill_dequantization_is_bitsandbytes(n, k, nested, dtype):
+    """nf4_prefill's one-kernel dequantization: bitsandbytes' dequantize_4bit bit for bit, each compute dtype."""
+    from bitsandbytes import functional as F
+
+    from qwen_magic.kernels import nf4_prefill
+
+    dtype = getattr(torch, dtype)
+    packed, state = quantized(n, k, nested, seed=n + k)
+    state.dtype = dtype  # bitsandbytes dequantizes straight into the compute dtype, as in a model of that dtype
+    assert torch.equal(nf4_prefill.dequantize(packed, state, dtype), F.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("compute", ["float16", "bfloat16"])
+def test_prefill_rows_on_gpu(monkeypatch, compute):
+    """A patched Linear4bit in the engine's prefill: MIN_ROWS rows and more give exactly F.linear of bitsandbytes'
+    dequantized weight (its own path past 1,536 rows), and bitsandbytes' forward within rounding at any count;
+    the load-time check passes here."""
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as F
+
+    from qwen_magic import kernels
+    from qwen_magic.kernels import nf4, nf4_prefill
+
+    compute = getattr(torch, compute)
+    nf4_prefill.check(torch.device("cuda"), compute)
+    assert nf4_prefill.OFF == ""
+    if not nf4_prefill.used_on(torch.device("cuda")):
+        pytest.skip("this card keeps bitsandbytes' prefill path")
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(3584, 512, bias=True, compute_dtype=compute, quant_type="nf4").cuda()
+    with torch.no_grad():
+        layer(torch.randn(2, 3584, device="cuda", dtype=compute))
+    restore = nf4.patch(layer)
+    monkeypatch.setattr(kernels, "_engines", 1)
+    weight = F.dequantize_4bit(layer.weight, layer.weight.quant_state).to(compute)
+    try:
+        for rows in (nf4_prefill.MIN_ROWS, 100, 2000):
+            x = torch.randn(1, rows, 3584, device="cuda", dtype=compute)
+            with torch.inference_mode(), kernels.prefilling():
+                y = layer(x)
+            theirs = bnb.nn.Linear4bit.forward(layer, x)
+            assert torch.equal(y, torch.nn.functional.linear(x, weight, layer.bias.to(compute)))
+            assert torch.allclose(y.float(), theirs.float(), rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+    finally:
+        restore()

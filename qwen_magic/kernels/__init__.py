@@ -148,6 +148,11 @@ def load_kernels(device, wanted: bool, dtype=None):
             partly = getattr(module, "HALF_NOTE", "")  # nf4: its float16 kernel switched off by its check
             if partly:
                 reasons.append(f"NF4 float16 kernel off ({partly}): the Triton one instead")
+            if name == "nf4":
+                from . import nf4_prefill
+
+                if nf4_prefill.OFF:
+                    reasons.append(f"NF4 prefill dequantization off ({nf4_prefill.OFF}): bitsandbytes' instead")
     if found:
         _engines += 1  # the caller calls release() when done with them
     return found, "; ".join(dict.fromkeys(reasons))

@@ -128,3 +128,34 @@ reduce_kernel = triton.jit(_reduce)
 def interpreting(kernel) -> bool:
     """Whether ``kernel`` runs in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     return kernel.__class__.__name__ == "InterpretedFunction"
+
+
+def _dequant(w_ptr, absmax_ptr, code_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, ROUND: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """bitsandbytes' dequantize_4bit: ``BLOCK`` packed bytes a program, ``2 * BLOCK`` values out, in the
+    flattened order of ``W`` (the high nibble of byte ``i`` is element ``2i``). The same float32 operations as
+    bitsandbytes (compiled without fp fusion, so the nested scale's multiply and add round apart as there),
+    rounded once to the output dtype (``ROUND`` 2: bfloat16 by round to nearest even on the bits)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    byte = start + tl.arange(0, BLOCK)
+    mask = byte < n_bytes
+    packed = tl.load(w_ptr + byte, mask=mask, other=0).to(tl.int32)
+    block = (2 * byte) // BLOCKSIZE  # both nibbles of a byte share a block (the blocksize is even)
+    if NESTED:
+        a8 = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    w_hi = tl.load(code_ptr + (packed >> 4)) * scale
+    w_lo = tl.load(code_ptr + (packed & 15)) * scale
+    values = tl.reshape(tl.join(w_hi, w_lo), [2 * BLOCK])
+    if ROUND == 2:
+        u = values.to(tl.uint32, bitcast=True)
+        values = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    element = 2 * start + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < 2 * n_bytes)
+
+
+dequant_kernel = triton.jit(_dequant, do_not_specialize=["n_bytes"])

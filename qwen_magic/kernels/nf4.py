@@ -100,6 +100,9 @@ def check(device=None, dtype=None) -> Optional[str]:
     import torch
 
     device = torch.device("cuda") if device is None else torch.device(device)
+    from . import nf4_prefill
+
+    nf4_prefill.check(device, dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16)
     if dtype != torch.float16 or not HALF or device.type != "cuda":
         return None
     from . import nf4_half
@@ -367,8 +370,14 @@ def _forward(module, original: Callable) -> Callable:
     cache = {}
 
     def forward(x, *args, **kwargs):
-        if args or kwargs or not _use_kernel(module, x):
+        if args or kwargs:
             return original(x, *args, **kwargs)
+        if not _use_kernel(module, x):
+            from . import nf4_prefill  # a prefill's many rows: one dequantizing kernel, then PyTorch's matmul
+
+            if nf4_prefill.takes(module, x):
+                return nf4_prefill.forward(module, x, cache)
+            return original(x)
         compute = module.compute_dtype if module.compute_dtype is not None else x.dtype
         siblings = nf4_group.of(module)
         if siblings is not None:
