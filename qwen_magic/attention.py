@@ -24,7 +24,9 @@ ATTENTION = "qwen_magic_gqa"
 
 # During the engine's forwards: how many cache positions hold real keys (``.end``), and whether the forward's
 # attention would read no mask (``.maskless``: the model's prefills take paths that need none, see maskless_prefill)
-# when it has more than SMALL_QUERY query tokens (``.length``).
+# when it has more than SMALL_QUERY query tokens (``.length``); ``.start``: the forward's first position as a device
+# tensor for the prefill kernel (None: from end - length); ``.graphed``: a prefill captured in a CUDA graph, which
+# only the prefill kernel may serve (the other paths bake host values).
 _filled = threading.local()
 
 
@@ -56,7 +58,10 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         if getattr(module, "sliding_window", None) is None and not dropout and _prefill_kernel_takes(module, query, key, value):
             # The Triton kernel (kernels/prefill.py): causal from the chunk's first position, reading the cache as it is.
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-            return _prefill_kernel.attention(query, key, value, end - length, scale), None
+            start = getattr(_filled, "start", None)  # the engine's device copy of end - length (a graph replays it)
+            return _prefill_kernel.attention(query, key, value, end - length if start is None else start, scale), None
+        if getattr(_filled, "graphed", False):
+            raise RuntimeError("a graphed prefill reached an attention path other than the prefill kernel")
         key, value = key[:, :, :end], value[:, :, :end]
         if end == length and getattr(module, "sliding_window", None) is None:
             # The whole prompt from position 0: plain causal attention, as the recipe runs it (the prefill runs under
@@ -76,6 +81,8 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         if attention_mask is not None:
             attention_mask = attention_mask[..., :end]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if getattr(_filled, "graphed", False):
+        raise RuntimeError("a graphed prefill reached an attention path other than the prefill kernel")
     if length > SMALL_QUERY or attention_mask is None or dropout or heads % kv_heads:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     group = heads // kv_heads

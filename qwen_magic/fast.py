@@ -24,6 +24,7 @@ prefill waits for the GPU, so the host queues chunk after chunk ahead of it.
 """
 
 import inspect
+import os
 import threading
 import time
 from contextlib import nullcontext
@@ -37,6 +38,7 @@ from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill,
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
 from .kernels import decoding, load_kernels, prefilling, release
+from .prefill_graph import PrefillGraphs
 from .prompt import encode, prepare, render
 from .sampler import Sampler
 from .settings import GenerationSettings
@@ -74,17 +76,25 @@ def _chunk_end(begin: int, start: int, end: int) -> int:
     return min(end, start + -(-total // -(-total // PREFILL_CHUNK)))
 
 
+def _marked(model) -> bool:
+    """Whether every causal attention module of ``model`` is marked for the prefill kernel (kernels/prefill.py)."""
+    modules = [m for m in model.modules() if getattr(m, "is_causal", False) and hasattr(m, "layer_idx")]
+    return bool(modules) and all(getattr(m, "_qwen_magic_prefill_kernel", False) for m in modules)
+
+
 def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
 class FastEngine:
     def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None,
-                 placement: Optional[Dict[str, str]] = None, kernels: Optional[bool] = None):
+                 placement: Optional[Dict[str, str]] = None, kernels: Optional[bool] = None, padded: Optional[bool] = None):
         """``placement``: module name -> device label, to cut decode steps into segments by it (tests);
         by default a model split over several CUDA devices is cut by its device map when graphed.
         ``kernels``: graphed decode steps use the Triton kernels of qwen_magic.kernels where they run
-        (default: with a graph, unless QWEN_MAGIC_KERNELS=0)."""
+        (default: with a graph, unless QWEN_MAGIC_KERNELS=0). ``padded``: short prefills padded to a bucket and
+        replayed as CUDA graphs (prefill_graph.py; default: with a graph, where every attention takes the prefill
+        kernel; tests turn it on for the CPU, where the padded forward runs eagerly)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = model_device(model)
@@ -133,6 +143,13 @@ class FastEngine:
             register_attention()
             model.set_attn_implementation(ATTENTION)
         self.maskless = self.grouped and maskless_prefill(model)  # prefill forwards build no mask
+        self.start_tensor = torch.zeros(1, dtype=torch.int32, device=self.device)  # a forward's start, for the prefill kernel
+        kernel_prefill = (self.maskless and any(module.__name__.endswith(".prefill") for module in self.kernels) and _marked(model)
+                          and getattr(model, "dtype", None) in (torch.float16, torch.bfloat16))  # what the kernel takes on a GPU
+        if padded is None:
+            padded = (use_graph and kernel_prefill and not self.hybrid and self.split is None and self.rope_delta is None
+                      and os.environ.get("QWEN_MAGIC_PREFILL_GRAPHS", "1") != "0")
+        self.prefill_graphs = PrefillGraphs(self) if padded else None
 
     # --- the cache
 
@@ -179,6 +196,8 @@ class FastEngine:
     def _drop_cache(self) -> None:
         # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
         self.cache = self.graph = self.states = None
+        if self.prefill_graphs is not None:
+            self.prefill_graphs.drop()
         self.static_token = self.static_position = self.static_logits = None
         self.capacity, self.cached_ids = 0, []
         if self.device.type == "cuda":
@@ -205,12 +224,14 @@ class FastEngine:
         self.write_position = start + ids.shape[1]
         _filled.end = start + ids.shape[1]
         _filled.maskless, _filled.length = self.maskless, ids.shape[1]
+        self.start_tensor.fill_(start)
+        _filled.start = self.start_tensor
         kwargs = {"position_ids": positions[None], self.cache_keyword: self.cache, **(extra or {})}
         try:
             with no_plan_kernels(), (prefilling() if self.kernels else nullcontext()):
                 out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
         finally:
-            _filled.end, _filled.maskless = None, False
+            _filled.end, _filled.maskless, _filled.start = None, False, None
         return out.logits[:, -1, :]
 
     def prefill(self, ids: List[int], reserve: int = 0, stop_event=None, marks=()) -> torch.Tensor:
@@ -234,6 +255,11 @@ class FastEngine:
         tokens = torch.tensor([ids[keep:]], dtype=torch.long)
         if self.device.type == "cuda":
             tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        if self.prefill_graphs is not None and not marks and self.chunk_inputs is None:
+            logits = self.prefill_graphs.run(tokens, keep, len(ids) - keep)  # a short prompt: one graph replay
+            if logits is not None:
+                self.cached_ids, self.reused = list(ids), keep
+                return logits
         while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
@@ -357,6 +383,8 @@ class FastEngine:
             self.cached_ids = []  # what the warm-up wrote is not a conversation
             if self.states is not None:
                 self.states.clear()
+            if self.prefill_graphs is not None:
+                self.prefill_graphs.capture()
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
         ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
@@ -424,6 +452,8 @@ class FastEngine:
             token = following
         if self.states is not None and len(self.cached_ids) > len(ids):
             self.states.record(self.cached_ids)  # the next turn may drop this reply (thinking), or undo it
+        if self.prefill_graphs is not None and self.prefill_graphs.stale:
+            self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache()

@@ -212,3 +212,31 @@ def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
         assert len(magics.conversation.messages) == 4
     finally:
         ip.extension_manager.unload_extension("qwen_magic")
+
+
+def test_short_prefills_replay_graphs(nf4, monkeypatch):
+    """In half precision on a card where the prefill kernel runs, a first question and a new message after a cached
+    history are each one graph replay (prefill_graph.py), and the reply equals the eager engine's greedy one."""
+    from qwen_magic import prefill_graph
+    from qwen_magic.kernels import prefill
+
+    engine, model = nf4.engine, nf4.model
+    graphs = engine.prefill_graphs
+    if model.dtype == torch.float32 or not prefill.used_on(torch.device("cuda")):
+        assert graphs is None
+        pytest.skip("short prefills are graphed only in half precision where the prefill kernel runs")
+    assert graphs is not None and not graphs.failed, engine.note
+    assert sorted(graphs.entries) == list(prefill_graph.BUCKETS)
+    replayed, run = [], graphs.run
+    monkeypatch.setattr(graphs, "run", lambda *args: (lambda out: replayed.append(out is not None) or out)(run(*args)))
+    # The same kernels, eager (left open, as in the test above: closing it would give the shared model SDPA back).
+    eager = FastEngine(model, nf4.tokenizer, context_length=4096, use_graph=False, kernels=True)
+    settings = GenerationSettings(do_sample=False, max_new_tokens=16)
+    history = [{"role": "user", "content": "介绍广州这座城市"}]
+    first = generate_reply(engine, history, settings)
+    assert first.token_ids == generate_reply(eager, history, settings).token_ids
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "它有什么好吃的美食吗?"}]
+    second = generate_reply(engine, history, settings)
+    assert second.cached_tokens > 0 and second.token_ids == generate_reply(eager, history, settings).token_ids
+    assert replayed == [True, True]
+    eager._drop_cache()

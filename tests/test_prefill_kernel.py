@@ -168,7 +168,7 @@ def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(fast, "PREFILL_CHUNK", 80)  # prompts over 160 tokens go in chunks (of more than SMALL_QUERY)
     calls = []
     attention = prefill.attention
-    monkeypatch.setattr(prefill, "attention", lambda *args: calls.append(args[3]) or attention(*args))
+    monkeypatch.setattr(prefill, "attention", lambda *args: calls.append(int(args[3])) or attention(*args))
     for name in ("nf4", "fused", "decode", "sample"):  # only this kernel: the others have their own tests
         module = __import__(f"qwen_magic.kernels.{name}", fromlist=["available"])
         monkeypatch.setattr(module, "available", lambda device=None: "not in this test")
@@ -190,6 +190,78 @@ def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
         engine.close()
 
 
+@child_only
+def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
+    """Short prompts padded to a bucket (prefill_graph.py: the forward a CUDA graph replays on a GPU, run eagerly
+    here): teacher-forced logits equal a plain forward's, for a first prompt and for a new message after a cached
+    prefix (the padding's keys and values never reach a real token: the steps after it read the cache); a new part
+    longer than the buckets, or one past the cache's end, is prefilled as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_magic import prefill_graph
+    from qwen_magic.fast import FastEngine
+    from qwen_magic.kernels import prefill
+    from qwen_magic.tiny import write_tiny_model
+    from test_fast import forced_logits, reference_logits, relative_error
+
+    path = write_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                            num_key_value_heads=2, num_hidden_layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    monkeypatch.setattr(prefill, "FORCE_CPU", True)
+    monkeypatch.setattr(prefill, "BLOCK_M", 32)
+    monkeypatch.setattr(prefill, "BLOCK_N", 16)
+    monkeypatch.setattr(prefill_graph, "BUCKETS", (96, 160))
+    for name in ("nf4", "fused", "decode", "sample"):
+        module = __import__(f"qwen_magic.kernels.{name}", fromlist=["available"])
+        monkeypatch.setattr(module, "available", lambda device=None: "not in this test")
+    monkeypatch.setattr(prefill, "available", lambda device=None: None)
+    monkeypatch.setattr(prefill, "check", lambda device=None, dtype=None: None)
+    engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True, padded=True)
+    padded = []
+    forward = engine.prefill_graphs._forward
+    engine.prefill_graphs._forward = lambda entry: padded.append(entry.ids.shape[1]) or forward(entry)
+    try:
+        with torch.inference_mode():
+            engine._reserve(600)
+        engine.prefill_graphs.capture()
+        assert sorted(engine.prefill_graphs.entries) == [96, 160], engine.prefill_graphs.failed
+        first, reply = list(range(3, 90)), list(range(100, 106))
+        assert relative_error(forced_logits(engine, first, reply), reference_logits(model, first, reply)) < 1e-5
+        assert padded == [96] and engine.reused == 0
+        second = first + reply + list(range(120, 220))  # 100 new tokens after the cached prefix: the second bucket
+        assert relative_error(forced_logits(engine, second, reply), reference_logits(model, second, reply)) < 1e-5
+        assert padded == [96, 160] and engine.reused == len(first) + len(reply)
+        third = second + reply + list(range(230, 400))  # 176 new tokens: more than the largest bucket
+        assert relative_error(forced_logits(engine, third, reply), reference_logits(model, third, reply)) < 1e-5
+        assert padded == [96, 160]
+        fourth = [3 + i % 300 for i in range(engine.capacity - 50)]  # a new part that a bucket would carry past the cache's end
+        engine.cached_ids = fourth[:-20]
+        with torch.inference_mode():
+            engine.prefill(fourth)
+        assert padded == [96, 160] and engine.reused == len(fourth) - 20
+    finally:
+        engine.close()
+
+
+def test_a_graphed_prefill_takes_only_the_kernel(monkeypatch):
+    """In a graphed prefill any attention path but the prefill kernel raises (they would bake host values into it)."""
+    from qwen_magic import attention as routing
+
+    class Attention(torch.nn.Module):
+        is_causal, layer_idx = True, 0
+
+    query = torch.randn(1, 4, 80, 16)
+    key = torch.randn(1, 2, 128, 16)
+    monkeypatch.setattr(routing._filled, "end", 80, raising=False)
+    monkeypatch.setattr(routing._filled, "graphed", True, raising=False)
+    with pytest.raises(RuntimeError, match="graphed prefill"):
+        routing.grouped_attention(Attention(), query, key, key, None, scaling=0.25)
+    monkeypatch.setattr(routing._filled, "end", None)
+    with pytest.raises(RuntimeError, match="graphed prefill"):
+        routing.grouped_attention(Attention(), query, key, key, None, scaling=0.25)
+
+
 @pytest.mark.skipif(CHILD, reason="compiles the real kernel (not the interpreter's)")
 @pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
 def test_compiles_for_t4_and_h100(capability):
@@ -202,7 +274,7 @@ def test_compiles_for_t4_and_h100(capability):
 
         from qwen_magic.kernels import _prefill_triton, prefill
 
-        signature = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", o_ptr="*fp16", M="i32", start="i32", qk_scale="fp32",
+        signature = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", o_ptr="*fp16", M="i32", start_ptr="*i32", qk_scale="fp32",
                          q_head_stride="i32", q_pos_stride="i32", k_head_stride="i32", k_pos_stride="i32", v_head_stride="i32",
                          v_pos_stride="i32", o_pos_stride="i32", o_head_stride="i32")
         constants = dict(GROUP=7, D=128, BLOCK_M=prefill.BLOCK_M, BLOCK_N=prefill.BLOCK_N, INTERPRETED=False)

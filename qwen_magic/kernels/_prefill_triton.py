@@ -8,8 +8,9 @@ as after a cached prefix); a whole prompt is ``start = 0``. The query head ``h``
 first query position take no mask; only the blocks on the diagonal do. Scores and the softmax are in
 float32 (``exp2`` of scores pre-scaled by ``log2 e``), the weights are rounded to the model's dtype for
 the product with the values, as flash attention does; the output is written in the layout attention
-interfaces return, (batch, tokens, heads, dim). The chunk's length and start are runtime arguments: a new
-prompt length does not compile the kernel again.
+interfaces return, (batch, tokens, heads, dim). The chunk's length is a runtime argument (a new prompt
+length does not compile the kernel again) and its start is read from device memory (one int32), so a prefill
+captured in a CUDA graph replays at any start.
 """
 
 import triton
@@ -37,13 +38,14 @@ def _block(acc, top, total, q, k_ptrs, v_ptrs, n0, rows, limit, qk_scale, BLOCK_
     return acc, new_top, total
 
 
-@triton.jit(do_not_specialize=["M", "start"])
-def prefill_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, M, start, qk_scale,
+@triton.jit(do_not_specialize=["M"])
+def prefill_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, M, start_ptr, qk_scale,
                              q_head_stride, q_pos_stride, k_head_stride, k_pos_stride, v_head_stride, v_pos_stride,
                              o_pos_stride, o_head_stride,
                              GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              INTERPRETED: tl.constexpr):
     head = tl.program_id(0)
+    start = tl.load(start_ptr)  # from the device: a CUDA graph of the prefill replays at any start
     block = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows (most keys) first: the last wave is short
     kv_head = head // GROUP
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)

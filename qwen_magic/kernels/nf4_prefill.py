@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-MIN_ROWS = 16  # fewer rows keep bitsandbytes' kernel (its small-batch kernels were faster there)
+MIN_ROWS = 64  # fewer rows keep bitsandbytes' kernel (on an H100 its fused kernel was faster at 16 and 32 rows: bench_nf4_prefill.py)
 MIN_CAPABILITY = (9, 0)
 BLOCK = 2048  # packed bytes a program (4,096 values)
 FORCE_CPU = False  # tests: take CPU tensors too (through Triton's interpreter, TRITON_INTERPRET=1)

@@ -81,11 +81,14 @@ def usable(module, query, key, value) -> bool:
     return query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
 
 
-def attention(query, key, value, start: int, scaling: float) -> torch.Tensor:
+def attention(query, key, value, start, scaling: float) -> torch.Tensor:
     """``query`` (1, H, M, D): the chunk's queries at cache positions ``start .. start + M - 1``; ``key``/``value``
     (1, KVH, S, D) with S >= start + M (the static cache) -> causal attention, (1, M, H, D) as attention
-    interfaces return it."""
+    interfaces return it. ``start``: an int, or a one-element int32 tensor on the query's device (the engine's,
+    filled once a forward; a CUDA graph reads it at replay)."""
     k, interpreted = _build()
+    if not torch.is_tensor(start):
+        start = torch.full((1,), start, dtype=torch.int32, device=query.device)
     heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
     group = heads // key.shape[1]
     out = torch.empty((1, length, heads, dim), dtype=query.dtype, device=query.device)

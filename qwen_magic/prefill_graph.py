@@ -1,0 +1,141 @@
+"""Short prefills replayed as CUDA graphs: the fast engine's first questions and new messages of up to 512 tokens.
+
+A prefill of a few hundred tokens is host-bound on a fast card: on an H100 (7B shape, NF4) its GPU work is about
+20 ms, but queuing it (28 layers of Python, 196 four-bit products, the norms and kernels between them) takes the
+host about 35 ms, more when the machine is busy. So prompts whose new part fits a bucket (:data:`BUCKETS`) are
+padded to it and replayed from a CUDA graph, captured once per bucket and cache: the host queues one replay.
+
+Padding: the padded tokens follow the prompt. Causal attention keeps them out of every real token's output, and
+the keys and values they write land past the prompt, in cache positions that the next tokens overwrite before
+anything reads them (a bucket is used only where it fits the cache). The real tokens' outputs differ from an
+unpadded forward's only where a matrix product over more rows sums in another order (cuBLAS picks its kernels by
+shape): rounding, bounded by the GPU tests against the recipe's logits.
+
+What a graph reads at replay, filled just before it: the token ids (the first n of its bucket), the positions
+(start + 0 .. B - 1: the rotary embedding's and the cache writes'), the row whose logits are kept (n - 1), the
+start as the prefill attention kernel reads it, and the cache's write counters. Only where every attention of the
+model takes that kernel (kernels/prefill.py: it reads its start from the device; the other paths bake host values
+into a graph, and raise in the warm-up run here instead). Captured when the engine warms up, and again after a
+reply whenever its cache was rebuilt (graphs hold the cache's addresses).
+
+On a CPU (tests) the same padded forward runs eagerly in place of a replay.
+"""
+
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import torch
+
+from .attention import _filled, no_plan_kernels
+from .kernels import prefilling
+
+BUCKETS = (128, 256, 512)  # padded prompt lengths (each more than attention.SMALL_QUERY: the kernel's path)
+
+
+def bucket_for(n: int) -> Optional[int]:
+    return next((b for b in BUCKETS if n <= b), None)
+
+
+class _Entry:
+    def __init__(self, size: int, at: int, device):
+        self.ids = torch.zeros((1, size), dtype=torch.long, device=device)
+        self.base = torch.arange(size, device=device)
+        self.positions = self.base + at
+        self.last = torch.full((1,), size - 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits = None
+
+
+class PrefillGraphs:
+    def __init__(self, engine):
+        self.engine = engine
+        self.entries: Dict[int, _Entry] = {}
+        self.stale = True  # the cache changed since the last capture
+        self.failed = ""  # why graphs are off (eager prefills from then on)
+        self.graphed = engine.device.type == "cuda"
+        self.pool = None
+
+    def drop(self) -> None:
+        self.entries.clear()
+        self.stale = True
+
+    def run(self, tokens: torch.Tensor, start: int, n: int) -> Optional[torch.Tensor]:
+        """Logits after ``tokens`` (a (1, n) device tensor) at positions ``start``.., through a graph; None where
+        none takes them (too long, past the cache, not captured)."""
+        size = bucket_for(n)
+        entry = self.entries.get(size) if size is not None else None
+        engine = self.engine
+        if entry is None or self.failed or start + size > engine.capacity:
+            return None
+        entry.ids[:, :n].copy_(tokens)
+        engine.start_tensor.fill_(start)
+        torch.add(entry.base, start, out=entry.positions)
+        entry.last.fill_(n - 1)
+        engine.write_position = None
+        engine._write_at(start)
+        if entry.graph is not None:
+            entry.graph.replay()
+            logits = entry.logits
+        else:
+            logits = self._forward(entry)
+        engine.write_position = None  # the counters moved past the padding
+        return logits
+
+    def _forward(self, entry: _Entry) -> torch.Tensor:
+        engine = self.engine
+        _filled.end, _filled.maskless, _filled.length = engine.capacity, True, entry.ids.shape[1]
+        _filled.start, _filled.graphed = engine.start_tensor, True
+        try:
+            with no_plan_kernels(), (prefilling() if engine.kernels else nullcontext()):
+                out = engine.model(input_ids=entry.ids, cache_position=entry.positions, position_ids=entry.positions[None],
+                                   use_cache=True, logits_to_keep=entry.last, **{engine.cache_keyword: engine.cache})
+        finally:
+            _filled.end, _filled.maskless, _filled.start, _filled.graphed = None, False, None, False
+        return out.logits[:, -1, :]
+
+    def capture(self) -> None:
+        """A graph per bucket for the current cache, where it fits past the cached tokens (its capture writes
+        keys and values into the cache's last positions). A failure switches graphs off for this engine."""
+        engine = self.engine
+        self.stale = False
+        for size in BUCKETS:
+            at = engine.capacity - size
+            if size in self.entries or at < len(engine.cached_ids):
+                continue
+            try:
+                with torch.inference_mode():
+                    self.entries[size] = self._capture(size, at)
+            except Exception as error:  # a path a graph cannot hold: eager prefills, said in the load summary
+                self.entries.clear()
+                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+                engine.note += f" (short prefills not graphed: {self.failed})"
+                engine.write_position = None
+                return
+
+    def _capture(self, size: int, at: int) -> _Entry:
+        engine = self.engine
+        entry = _Entry(size, at, engine.device)
+        engine.start_tensor.fill_(at)
+        engine.write_position = None
+        engine._write_at(at)
+        if not self.graphed:
+            engine.write_position = None
+            return entry
+        # One eager run first, on a side stream: kernels compile, libraries pick their algorithms, and a path that
+        # a graph cannot hold raises here, outside any capture.
+        current = torch.cuda.current_stream(engine.device)
+        side = torch.cuda.Stream(device=engine.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(entry)
+        current.wait_stream(side)
+        engine.write_position = None
+        engine._write_at(at)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()  # the buckets share one pool: they never replay at once
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            entry.logits = self._forward(entry)
+        entry.graph = graph
+        engine.write_position = None
+        return entry
