@@ -18,7 +18,8 @@ model takes that kernel (kernels/prefill.py: it reads its start from the device;
 into a graph, and raise in the warm-up run here instead). Captured when the engine warms up, and again after a
 reply whenever its cache was rebuilt (graphs hold the cache's addresses).
 
-On a CPU (tests) the same padded forward runs eagerly in place of a replay.
+Without CUDA graphs (the CPU; tests asking for padding on an eager engine) the same padded forward runs eagerly in
+place of a replay: the graph's arithmetic, step by step.
 """
 
 from contextlib import nullcontext
@@ -52,7 +53,7 @@ class PrefillGraphs:
         self.entries: Dict[int, _Entry] = {}
         self.stale = True  # the cache changed since the last capture
         self.failed = ""  # why graphs are off (eager prefills from then on)
-        self.graphed = engine.device.type == "cuda"
+        self.graphed = engine.use_graph  # else (tests, and the CPU) the padded forward runs eagerly
         self.pool = None
 
     def drop(self) -> None:

@@ -100,10 +100,24 @@ def graph_matches_eager_and_a_plain_forward(graphed, eager, model, tokenizer):
             assert relative_error(graph_logits, reference) <= 1.5 * max(classic, eager_error, 1e-3)
 
 
+def eager_twin(engine, model, tokenizer):
+    """An engine of the same kernels without CUDA graphs; where ``engine`` pads short prefills to replay them as
+    graphs, this one pads them too and runs the padded forward eagerly (the graph's arithmetic). Left open: closing
+    it would give the shared model SDPA back."""
+    padded = engine.prefill_graphs is not None
+    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True, padded=padded)
+    if padded:
+        with torch.inference_mode():
+            eager._reserve(4096)
+        eager.prefill_graphs.capture()
+    return eager
+
+
 def test_graph_replay_equals_eager_steps_and_a_plain_forward(nf4):
     model, tokenizer = nf4.model, nf4.tokenizer
-    eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True)  # the same kernels, eager: graph = eager
+    eager = eager_twin(nf4.engine, model, tokenizer)  # the same kernels, eager: graph = eager
     graph_matches_eager_and_a_plain_forward(nf4.engine, eager, model, tokenizer)
+    eager._drop_cache()
 
 
 def test_cache_reuse_over_several_turns(nf4):
@@ -216,7 +230,8 @@ def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
 
 def test_short_prefills_replay_graphs(nf4, monkeypatch):
     """In half precision on a card where the prefill kernel runs, a first question and a new message after a cached
-    history are each one graph replay (prefill_graph.py), and the reply equals the eager engine's greedy one."""
+    history are each one graph replay (prefill_graph.py), and the greedy reply equals the eager engine's that runs the
+    same padded forwards step by step."""
     from qwen_magic import prefill_graph
     from qwen_magic.kernels import prefill
 
@@ -229,8 +244,7 @@ def test_short_prefills_replay_graphs(nf4, monkeypatch):
     assert sorted(graphs.entries) == list(prefill_graph.BUCKETS)
     replayed, run = [], graphs.run
     monkeypatch.setattr(graphs, "run", lambda *args: (lambda out: replayed.append(out is not None) or out)(run(*args)))
-    # The same kernels, eager (left open, as in the test above: closing it would give the shared model SDPA back).
-    eager = FastEngine(model, nf4.tokenizer, context_length=4096, use_graph=False, kernels=True)
+    eager = eager_twin(engine, model, nf4.tokenizer)
     settings = GenerationSettings(do_sample=False, max_new_tokens=16)
     history = [{"role": "user", "content": "介绍广州这座城市"}]
     first = generate_reply(engine, history, settings)

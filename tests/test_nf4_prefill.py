@@ -117,3 +117,17 @@ def test_switched_off_by_the_environment_and_on_older_cards(monkeypatch):
     monkeypatch.setattr(nf4_prefill, "_USED", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))  # a T4
     assert not nf4_prefill.used_on(torch.device("cuda:0"))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_the_load_check_reference_is_bitsandbytes(nested):
+    """The load-time check's PyTorch reference (nf4_prefill.reference) is bitsandbytes' dequantization bit for bit."""
+    import torch
+    from bitsandbytes import functional as F
+
+    from qwen_magic.kernels import nf4_prefill
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        source = torch.randn(48, 256, generator=torch.Generator().manual_seed(3)) * 0.05
+        packed, state = F.quantize_4bit(source, blocksize=64, quant_type="nf4", compress_statistics=nested)
+        assert torch.equal(nf4_prefill.reference(packed, state, dtype), F.dequantize_4bit(packed, state).to(dtype))
