@@ -38,7 +38,7 @@ from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill,
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
 from .kernels import decoding, load_kernels, prefilling, release
-from .prefill_graph import PrefillGraphs
+from .prefill_graph import PAD, PrefillGraphs, meet_product_shapes
 from .prompt import encode, prepare, render
 from .sampler import Sampler
 from .settings import GenerationSettings
@@ -144,6 +144,7 @@ class FastEngine:
             model.set_attn_implementation(ATTENTION)
         self.maskless = self.grouped and maskless_prefill(model)  # prefill forwards build no mask
         self.start_tensor = torch.zeros(1, dtype=torch.int32, device=self.device)  # a forward's start, for the prefill kernel
+        self.keep_row = torch.zeros(1, dtype=torch.long, device=self.device)  # a padded forward's last real row
         kernel_prefill = (self.maskless and any(module.__name__.endswith(".prefill") for module in self.kernels) and _marked(model)
                           and getattr(model, "dtype", None) in (torch.float16, torch.bfloat16))  # what the kernel takes on a GPU
         if padded is None:
@@ -193,14 +194,17 @@ class FastEngine:
         self.cached_ids = kept
         self.write_position = None
 
-    def _drop_cache(self) -> None:
+    def _drop_cache(self, release: bool = False) -> None:
+        """Drop the cache and the graphs that hold its addresses. ``release``: give the freed memory back to the driver
+        too (after running out of memory, and on close); a cache that grows keeps it in PyTorch's allocator, whose
+        blocks the next forwards reuse (PyTorch frees them itself before it would run out)."""
         # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
         self.cache = self.graph = self.states = None
         if self.prefill_graphs is not None:
             self.prefill_graphs.drop()
         self.static_token = self.static_position = self.static_logits = None
         self.capacity, self.cached_ids = 0, []
-        if self.device.type == "cuda":
+        if release and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _write_at(self, position: int) -> None:
@@ -218,10 +222,18 @@ class FastEngine:
                 counter.fill_(position)
         self.write_position = position
 
-    def _forward(self, ids: torch.Tensor, start: int, extra=None) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, start: int, extra=None, size: Optional[int] = None) -> torch.Tensor:
+        """Logits after ``ids`` at positions ``start``..; ``size``: padded to that many tokens (prefill_graph.py says
+        why that is safe), the logits still those of the last real token."""
+        length, keep = ids.shape[1], 1
+        padding = size is not None and size > length
+        if padding:
+            ids = torch.cat([ids, ids.new_zeros((1, size - length))], 1)
+            keep = self.keep_row
+            keep.fill_(length - 1)
         positions = torch.arange(start, start + ids.shape[1], device=self.device)
         self._write_at(start)
-        self.write_position = start + ids.shape[1]
+        self.write_position = None if padding else start + length  # padded: the counters moved past the padding
         _filled.end = start + ids.shape[1]
         _filled.maskless, _filled.length = self.maskless, ids.shape[1]
         self.start_tensor.fill_(start)
@@ -229,7 +241,7 @@ class FastEngine:
         kwargs = {"position_ids": positions[None], self.cache_keyword: self.cache, **(extra or {})}
         try:
             with no_plan_kernels(), (prefilling() if self.kernels else nullcontext()):
-                out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=1, **kwargs)
+                out = self.model(input_ids=ids, cache_position=positions, use_cache=True, logits_to_keep=keep, **kwargs)
         finally:
             _filled.end, _filled.maskless, _filled.start = None, False, None
         return out.logits[:, -1, :]
@@ -255,7 +267,8 @@ class FastEngine:
         tokens = torch.tensor([ids[keep:]], dtype=torch.long)
         if self.device.type == "cuda":
             tokens = tokens.pin_memory().to(self.device, non_blocking=True)
-        if self.prefill_graphs is not None and not marks and self.chunk_inputs is None:
+        padded = self.prefill_graphs is not None and not marks and self.chunk_inputs is None
+        if padded:
             logits = self.prefill_graphs.run(tokens, keep, len(ids) - keep)  # a short prompt: one graph replay
             if logits is not None:
                 self.cached_ids, self.reused = list(ids), keep
@@ -267,7 +280,11 @@ class FastEngine:
             extra = None
             if self.chunk_inputs is not None:
                 end, extra = self.chunk_inputs(start, end)
-            logits = self._forward(tokens[:, start - keep:end - keep], start, extra)
+            size = None
+            if padded:  # a length of a few kinds: each new matrix-product shape costs cuBLAS a kernel the first time
+                size = _round_up(end - start, PAD)
+                size = size if start + size <= self.capacity else None
+            logits = self._forward(tokens[:, start - keep:end - keep], start, extra, size)
             self.cached_ids = ids[:end]
             if end in marks:
                 self.states.record(self.cached_ids)
@@ -385,6 +402,7 @@ class FastEngine:
                 self.states.clear()
             if self.prefill_graphs is not None:
                 self.prefill_graphs.capture()
+                meet_product_shapes(self, 3 * PREFILL_CHUNK // 2)
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
         ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
@@ -399,7 +417,7 @@ class FastEngine:
                 try:
                     self._generate(ids, settings, emit, stop_event, info, marks)
                 except torch.cuda.OutOfMemoryError:
-                    self._drop_cache()  # give its memory back; the next turn builds a new one
+                    self._drop_cache(release=True)  # give its memory back; the next turn builds a new one
                     raise
                 except BaseException:
                     self.cached_ids = []  # the cache may be half written: rebuild next time
@@ -456,7 +474,7 @@ class FastEngine:
             self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
-        self._drop_cache()
+        self._drop_cache(release=True)
         if self.split is not None:
             self.split.close()
         while self.unpatch:

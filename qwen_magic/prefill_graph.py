@@ -1,4 +1,4 @@
-"""Short prefills replayed as CUDA graphs: the fast engine's first questions and new messages of up to 512 tokens.
+"""Short prefills replayed as CUDA graphs: the fast engine's first questions and new messages of up to 1,024 tokens.
 
 A prefill of a few hundred tokens is host-bound on a fast card: on an H100 (7B shape, NF4) its GPU work is about
 20 ms, but queuing it (28 layers of Python, 196 four-bit products, the norms and kernels between them) takes the
@@ -20,6 +20,11 @@ reply whenever its cache was rebuilt (graphs hold the cache's addresses).
 
 Without CUDA graphs (the CPU; tests asking for padding on an eager engine) the same padded forward runs eagerly in
 place of a replay: the graph's arithmetic, step by step.
+
+Longer prefills (eager, chunk by chunk) are padded the same way to a multiple of :data:`PAD`, so that their matrix
+products come in few shapes, which :func:`meet_product_shapes` runs once at load: cuBLAS sets a kernel up (about
+5 ms of host time on an H100) the first time it meets a product shape, and a prompt length seen for the first time
+paid that for each of its projections (15-20 ms).
 """
 
 from contextlib import nullcontext
@@ -30,7 +35,11 @@ import torch
 from .attention import _filled, no_plan_kernels
 from .kernels import prefilling
 
-BUCKETS = (128, 256, 512)  # padded prompt lengths (each more than attention.SMALL_QUERY: the kernel's path)
+BUCKETS = (128, 256, 512, 768, 1024)  # padded prompt lengths (each more than attention.SMALL_QUERY: the kernel's path)
+# Longer prefills (eager) are padded to a multiple of this, so their matrix products take few shapes, each met once at
+# load (meet_product_shapes): on an H100 cuBLAS spent about 5 ms of host time on a product shape's first call (a kernel
+# set up per shape), 15-20 ms on a prompt length's first prefill.
+PAD = 128
 
 
 def bucket_for(n: int) -> Optional[int]:
@@ -140,3 +149,31 @@ class PrefillGraphs:
         entry.graph = graph
         engine.write_position = None
         return entry
+
+
+def meet_product_shapes(engine, most: int) -> None:
+    """Every matrix product a padded prefill forward can run (the decoder layers' projections at each multiple of
+    PAD past the graphs' buckets, up to ``most`` tokens: one forward's most), once, on random inputs of the same shapes,
+    dtypes and layout: cuBLAS sets its kernels up at load, not in a first question."""
+    import torch.nn.functional as F
+
+    dtype = getattr(engine.model, "dtype", None)
+    if engine.device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return
+    shapes = set()
+    for name, module in engine.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if ".layers." not in name or weight is None or not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            continue
+        shapes.add((module.out_features, module.in_features, getattr(module, "bias", None) is not None))
+    sizes = range(BUCKETS[-1] + PAD, -(-most // PAD) * PAD + 1, PAD)
+    inputs = {}
+    for n, k, bias in sorted(shapes):
+        if k not in inputs:
+            inputs[k] = torch.randn(sizes[-1], k, dtype=dtype, device=engine.device)
+        weight = torch.randn(n, k, dtype=dtype, device=engine.device)
+        extra = torch.randn(n, dtype=dtype, device=engine.device) if bias else None
+        for m in sizes:
+            F.linear(inputs[k][:m], weight, extra)
+        del weight, extra
+    del inputs

@@ -231,7 +231,7 @@ class VisionEngine:
                 try:
                     fast._generate(ids, settings, emit, stop_event, info, marks)
                 except torch.cuda.OutOfMemoryError:
-                    fast._drop_cache()
+                    fast._drop_cache(release=True)
                     raise
                 except BaseException:
                     fast.cached_ids = []

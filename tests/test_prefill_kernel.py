@@ -195,7 +195,8 @@ def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
     """Short prompts padded to a bucket (prefill_graph.py: the forward a CUDA graph replays on a GPU, run eagerly
     here): teacher-forced logits equal a plain forward's, for a first prompt and for a new message after a cached
     prefix (the padding's keys and values never reach a real token: the steps after it read the cache); a new part
-    longer than the buckets, or one past the cache's end, is prefilled as before."""
+    longer than the buckets is prefilled eagerly, padded to a multiple of PAD, and one that padding would carry past
+    the cache's end as before."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qwen_magic import prefill_graph
@@ -218,9 +219,11 @@ def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
     monkeypatch.setattr(prefill, "available", lambda device=None: None)
     monkeypatch.setattr(prefill, "check", lambda device=None, dtype=None: None)
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True, padded=True)
-    padded = []
+    padded, eager = [], []
     forward = engine.prefill_graphs._forward
     engine.prefill_graphs._forward = lambda entry: padded.append(entry.ids.shape[1]) or forward(entry)
+    eager_forward = engine._forward
+    engine._forward = lambda ids, start, extra=None, size=None: eager.append((ids.shape[1], size)) or eager_forward(ids, start, extra, size)
     try:
         with torch.inference_mode():
             engine._reserve(600)
@@ -232,14 +235,14 @@ def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
         second = first + reply + list(range(120, 220))  # 100 new tokens after the cached prefix: the second bucket
         assert relative_error(forced_logits(engine, second, reply), reference_logits(model, second, reply)) < 1e-5
         assert padded == [96, 160] and engine.reused == len(first) + len(reply)
-        third = second + reply + list(range(230, 400))  # 176 new tokens: more than the largest bucket
+        third = second + reply + list(range(230, 400))  # 170 new tokens (the reply is cached): more than the largest bucket
         assert relative_error(forced_logits(engine, third, reply), reference_logits(model, third, reply)) < 1e-5
-        assert padded == [96, 160]
+        assert padded == [96, 160] and eager == [(170, 256)]  # eager, padded to a multiple of PAD (few product shapes)
         fourth = [3 + i % 300 for i in range(engine.capacity - 50)]  # a new part that a bucket would carry past the cache's end
         engine.cached_ids = fourth[:-20]
         with torch.inference_mode():
             engine.prefill(fourth)
-        assert padded == [96, 160] and engine.reused == len(fourth) - 20
+        assert padded == [96, 160] and engine.reused == len(fourth) - 20 and eager[-1] == (20, None)  # no room to pad
     finally:
         engine.close()
 
