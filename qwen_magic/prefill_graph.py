@@ -66,7 +66,10 @@ class PrefillGraphs:
         self.pool = None
 
     def drop(self) -> None:
+        """Forget the graphs (the cache they write is gone); their memory pool goes with them (PyTorch frees a pool
+        no graph holds, and asserts on a capture into it: the next capture takes a new one)."""
         self.entries.clear()
+        self.pool = None
         self.stale = True
 
     def run(self, tokens: torch.Tensor, start: int, n: int) -> Optional[torch.Tensor]:
