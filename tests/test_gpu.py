@@ -253,4 +253,9 @@ def test_short_prefills_replay_graphs(nf4, monkeypatch):
     second = generate_reply(engine, history, settings)
     assert second.cached_tokens > 0 and second.token_ids == generate_reply(eager, history, settings).token_ids
     assert replayed == [True, True]
+    engine._drop_cache()  # as when the cache grows: this turn prefills eagerly, and its graphs come back after it
+    generate_reply(engine, history, settings)
+    assert not graphs.failed and graphs.entries and not graphs.stale, graphs.failed
+    third = generate_reply(engine, history, settings)
+    assert replayed == [True, True, False, True] and third.token_ids == second.token_ids
     eager._drop_cache()
