@@ -333,7 +333,7 @@ class FastEngine:
         saved = self.states.take(()) if self.states is not None else None  # warm-up steps fold into the recurrent state
         # Warm-up steps let libraries set themselves up outside the capture; once is enough per engine, so a
         # cache that grows later captures its new graph without them (a shorter pause between two tokens).
-        side = torch.cuda.Stream(device=self.device)
+        side = self.capture_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(0 if self.captured else 2):
@@ -344,13 +344,20 @@ class FastEngine:
         self.write_position = None
         self._write_at(self.capacity - 1)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=side):
             self.static_logits = self._step_eager(self.static_token, self.static_position)
         self.graph = graph
         self.captured = True
         self.write_position = None  # the counter, if any, is where the warm-up left it
         if saved is not None:
             self.states.put_back(saved)
+
+    def capture_stream(self):
+        """The one side stream this engine's warm-up runs and graph captures use. PyTorch gives cuBLAS a 32 MiB
+        workspace per stream it runs on, kept for the process: a new stream per capture kept one more each time."""
+        if getattr(self, "_capture_stream", None) is None:
+            self._capture_stream = torch.cuda.Stream(device=self.device)
+        return self._capture_stream
 
     def _segmented(self):
         """Eager steps of a split model go through the segment hooks too (copies at each boundary)."""

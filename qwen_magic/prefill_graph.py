@@ -137,7 +137,7 @@ class PrefillGraphs:
         # One eager run first, on a side stream: kernels compile, libraries pick their algorithms, and a path that
         # a graph cannot hold raises here, outside any capture.
         current = torch.cuda.current_stream(engine.device)
-        side = torch.cuda.Stream(device=engine.device)
+        side = engine.capture_stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
             self._forward(entry)
@@ -147,7 +147,7 @@ class PrefillGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()  # the buckets share one pool: they never replay at once
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             entry.logits = self._forward(entry)
         entry.graph = graph
         engine.write_position = None
