@@ -64,16 +64,18 @@ def common_prefix(a: List[int], b: List[int]) -> int:
     return n
 
 
-def _chunk_end(begin: int, start: int, end: int) -> int:
+def _chunk_end(begin: int, start: int, end: int, step: int = 1) -> int:
     """Where a prefill forward from ``start`` stops, in a prefill of positions ``begin`` to ``end``. Up to 1.5 ×
     PREFILL_CHUNK tokens (4,095) go in one forward, as the recipe's (each forward dequantizes every 4-bit weight
-    once, and a short last chunk would cost that for little work); more go in equal chunks of at most PREFILL_CHUNK
+    once, and a short last chunk would cost that for little work); more go in equal chunks of about PREFILL_CHUNK
     (8,000 tokens: three of 2,667), which keeps a long prompt's activations (and the peak memory with 8,000 tokens
-    of history: 6.53 GiB for the 7B at most, issue 13) below those of a 4,095-token forward."""
+    of history: 6.53 GiB for the 7B at most, issue 13) below those of a 4,095-token forward. ``step``: chunks a
+    multiple of it (a padded prefill's: only the last one is padded; 8,000 tokens: 2,688 + 2,688 + 2,624)."""
     total = end - begin
     if total <= 3 * PREFILL_CHUNK // 2:
         return end
-    return min(end, start + -(-total // -(-total // PREFILL_CHUNK)))
+    size = -(-total // -(-total // PREFILL_CHUNK))
+    return min(end, start + -(-size // step) * step)
 
 
 def _marked(model) -> bool:
@@ -276,7 +278,7 @@ class FastEngine:
         while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
-            end = min([_chunk_end(keep, start, len(ids))] + [m for m in marks if m > start])
+            end = min([_chunk_end(keep, start, len(ids), PAD if padded else 1)] + [m for m in marks if m > start])
             extra = None
             if self.chunk_inputs is not None:
                 end, extra = self.chunk_inputs(start, end)
