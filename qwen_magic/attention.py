@@ -59,7 +59,9 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             # The Triton kernel (kernels/prefill.py): causal from the chunk's first position, reading the cache as it is.
             scale = query.shape[-1] ** -0.5 if scaling is None else scaling
             start = getattr(_filled, "start", None)  # the engine's device copy of end - length (a graph replays it)
-            return _prefill_kernel.attention(query, key, value, end - length if start is None else start, scale), None
+            if start is None or start.device != query.device:  # a layer on another card of a split model
+                start = end - length
+            return _prefill_kernel.attention(query, key, value, start, scale), None
         if getattr(_filled, "graphed", False):
             raise RuntimeError("a graphed prefill reached an attention path other than the prefill kernel")
         key, value = key[:, :, :end], value[:, :, :end]
