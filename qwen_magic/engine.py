@@ -289,6 +289,7 @@ class GenerateEngine:
         self.end_ids = end_token_ids(model, tokenizer)
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
+        began = time.perf_counter()  # the reply's clock counts the chat template and the tokenizer too
         ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
         inputs = torch.tensor([ids], device=model_device(self.model))
         kwargs = generation_kwargs(self.model, self.tokenizer, settings)
@@ -306,7 +307,7 @@ class GenerateEngine:
                 )
 
         return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids,
-                           opens_thinking=opened)
+                           opens_thinking=opened, started=began)
 
     def close(self):
         self.model = None

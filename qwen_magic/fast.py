@@ -414,6 +414,7 @@ class FastEngine:
                 meet_product_shapes(self, 3 * PREFILL_CHUNK // 2)
 
     def start(self, messages, settings: GenerationSettings, continue_final: bool = False) -> ReplyStream:
+        began = time.perf_counter()  # the reply's clock counts the chat template and the tokenizer too, as the recipe's
         ids, opened = prepare(self.tokenizer, messages, continue_final, settings.thinking)
         marks = ()
         if self.hybrid and not continue_final:
@@ -433,7 +434,7 @@ class FastEngine:
                     raise
 
         return ReplyStream(self.tokenizer, len(ids), produce, max_new_tokens=settings.max_new_tokens, end_ids=self.end_ids,
-                           info=info, opens_thinking=opened)
+                           info=info, opens_thinking=opened, started=began)
 
     def _generate(self, ids, settings, emit, stop_event, info, marks=()) -> None:
         clock = time.perf_counter
