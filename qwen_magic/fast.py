@@ -31,12 +31,12 @@ from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 import torch
-from transformers import StaticCache
 
 from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill, no_plan_kernels,  # noqa: F401 (grouped_attention: tests)
                         register_attention)
 from .engine import ReplyStream, end_token_ids, model_device
 from .hybrid import HybridStates, is_hybrid
+from .static_cache import CAPACITY_STEP, FIRST_CAPACITY, GROWTH, GROWTH_MAX, CacheMixin, _round_up  # noqa: F401 (constants: tests, benchmarks)
 from .kernels import decoding, load_kernels, prefilling, release
 from .prefill_graph import PAD, PrefillGraphs, meet_product_shapes
 from .prompt import encode, prepare, render
@@ -44,11 +44,7 @@ from .sampler import Sampler
 from .settings import GenerationSettings
 from .split import capture_split, decoder_for
 
-CAPACITY_STEP = 1024  # cache sizes are multiples of this
-GROWTH = 1.25  # a cache that must grow gets this much headroom, so it grows rarely ...
-GROWTH_MAX = 512  # ... but at most this many positions (a long history's cache grows again by a copy and a ~40 ms capture)
 PREFILL_CHUNK = 2730  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
-FIRST_CAPACITY = 4096  # tokens the first cache holds: most chats never need to grow it
 
 
 def cache_keyword(model) -> str:
@@ -84,11 +80,7 @@ def _marked(model) -> bool:
     return bool(modules) and all(getattr(m, "_qwen_magic_prefill_kernel", False) for m in modules)
 
 
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
-
-
-class FastEngine:
+class FastEngine(CacheMixin):
     def __init__(self, model, tokenizer, *, context_length: int, use_graph: Optional[bool] = None,
                  placement: Optional[Dict[str, str]] = None, kernels: Optional[bool] = None, padded: Optional[bool] = None):
         """``placement``: module name -> device label, to cut decode steps into segments by it (tests);
@@ -153,76 +145,6 @@ class FastEngine:
             padded = (use_graph and kernel_prefill and not self.hybrid and self.split is None and self.rope_delta is None
                       and os.environ.get("QWEN_MAGIC_PREFILL_GRAPHS", "1") != "0")
         self.prefill_graphs = PrefillGraphs(self) if padded else None
-
-    # --- the cache
-
-    def _reserve(self, needed: int) -> None:
-        """Make room for ``needed`` positions; a new cache starts empty (and needs a new graph)."""
-        if needed <= self.capacity:
-            return
-        headroom = min(int(needed * (GROWTH - 1)), GROWTH_MAX) if self.capacity else 0
-        capacity = _round_up(needed + headroom, CAPACITY_STEP)
-        capacity = max(needed, min(capacity, _round_up(self.context_length, CAPACITY_STEP)))
-        old, old_states, kept = self.cache, self.states, list(self.cached_ids)
-        self._drop_cache()
-        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
-        for module in self.kernels:  # decode steps write a token's keys and values with one kernel (kernels/decode.py)
-            if hasattr(module, "patch_cache"):
-                module.patch_cache(self.cache)
-        self.capacity = capacity
-        self.write_position = None
-        if self.hybrid:
-            self.states = HybridStates(self.cache)
-            if not self.states.layers:
-                raise RuntimeError("this transformers version keeps no recurrent state in a static cache (hybrid models need transformers 5)")
-        if old is not None and kept:
-            self._copy_from(old, old_states, kept)
-
-    def _copy_from(self, old, old_states: Optional[HybridStates], kept: List[int]) -> None:
-        """Carry the cached tokens over to a larger cache, so growing costs a copy, not a new prefill."""
-        layers = [layer for layer in getattr(old, "layers", ()) if old_states is None or layer not in old_states.layers]
-        if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
-            return  # a cache of another make: the next prefill rebuilds it
-        # One real token through the model initializes the new layers (and writes position 0 correctly).
-        if self.states is not None:
-            self.states.reset()
-        self._forward(torch.tensor([kept[:1]], device=self.device), 0)
-        targets = [layer for layer in self.cache.layers if self.states is None or layer not in self.states.layers]
-        for source, target in zip(layers, targets):
-            target.keys[:, :, : len(kept)].copy_(source.keys[:, :, : len(kept)])
-            target.values[:, :, : len(kept)].copy_(source.values[:, :, : len(kept)])
-        if self.states is not None:
-            self.states.copy_from(old_states)
-        self.cached_ids = kept
-        self.write_position = None
-
-    def _drop_cache(self, release: bool = False) -> None:
-        """Drop the cache and the graphs that hold its addresses. ``release``: give the freed memory back to the driver
-        too (after running out of memory, and on close); a cache that grows keeps it in PyTorch's allocator, whose
-        blocks the next forwards reuse (PyTorch frees them itself before it would run out)."""
-        # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
-        self.cache = self.graph = self.states = None
-        if self.prefill_graphs is not None:
-            self.prefill_graphs.drop()
-        self.static_token = self.static_position = self.static_logits = None
-        self.capacity, self.cached_ids = 0, []
-        if release and self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _write_at(self, position: int) -> None:
-        """Point the cache's writes at ``position``.
-
-        Older transformers write where ``cache_position`` says; newer static layers keep
-        their own write counter and ignore it, so move that counter too (in place: a
-        captured graph reads it from the same address).
-        """
-        if position == self.write_position:
-            return
-        for layer in getattr(self.cache, "layers", ()):
-            counter = getattr(layer, "cumulative_length", None)
-            if isinstance(counter, torch.Tensor):
-                counter.fill_(position)
-        self.write_position = position
 
     def _forward(self, ids: torch.Tensor, start: int, extra=None, size: Optional[int] = None) -> torch.Tensor:
         """Logits after ``ids`` at positions ``start``..; ``size``: padded to that many tokens (prefill_graph.py says

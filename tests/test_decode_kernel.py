@@ -217,7 +217,7 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
     teacher-forced logits stay as close to a plain forward as float16 allows; prefill keeps the stock path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qwen_magic import fast
+    from qwen_magic import static_cache
     from qwen_magic.fast import FastEngine
     from qwen_magic.kernels import decode
     from qwen_magic.tiny import write_tiny_model
@@ -230,7 +230,7 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "FORCE_CPU", True)
     monkeypatch.setattr(decode, "available", lambda device=None: None)
     monkeypatch.setattr(decode, "check", lambda device=None, dtype=None: None)
-    monkeypatch.setattr(fast, "CAPACITY_STEP", 32)
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 32)
     calls = {"attention": 0, "write": 0}
     attention, kernels = decode.attention, decode._build()
     write = kernels.cache_write_kernel

@@ -10,7 +10,7 @@ import torch
 from helpers import transformers_scores
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qwen_magic import attention, fast
+from qwen_magic import attention, fast, static_cache
 from qwen_magic.engine import generate_reply
 from qwen_magic.fast import FastEngine, Sampler
 from qwen_magic.prompt import prompt_ids
@@ -81,7 +81,7 @@ def test_teacher_forced_logits_match_over_turns_with_reuse_crop_and_rebuild(engi
 
 def test_the_cache_grows_when_a_conversation_outgrows_it(engine, model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
     monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)  # several chunks per prefill, too
     short = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
     forced_logits(engine, short, short)
@@ -271,7 +271,7 @@ def test_the_fast_engine_uses_grouped_attention_and_gives_it_back(model_and_toke
 
 def test_growing_the_cache_keeps_what_it_held(engine, model_and_tokenizer, monkeypatch):
     model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
     first = tokenizer("Hello! How are you today?", add_special_tokens=False)["input_ids"]
     forced_logits(engine, first, first)
     held, small = list(engine.cached_ids), engine.capacity

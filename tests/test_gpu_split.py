@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from qwen_magic import fast, loader, split
+from qwen_magic import loader, split, static_cache
 from qwen_magic.engine import GenerateEngine
 from qwen_magic.fast import FastEngine
 from qwen_magic.prompt import prompt_ids
@@ -109,7 +109,7 @@ def test_greedy_turns_and_regenerate_equal_the_recipe_with_the_same_map(nf4):
 
 def test_a_growing_cache_is_captured_again_across_both_cards(nf4, monkeypatch):
     model, tokenizer = nf4.model, nf4.tokenizer
-    monkeypatch.setattr(fast, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
     graphed = FastEngine(model, tokenizer, context_length=4096)
     eager = FastEngine(model, tokenizer, context_length=4096, use_graph=False, kernels=True)
     try:
