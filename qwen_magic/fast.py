@@ -18,9 +18,13 @@ Graphed decode steps run through the Triton kernels of qwen_magic.kernels where 
 load (fused norms, rotary embedding and SiLU·mul; a 4-bit matrix-vector product for
 narrow layers; attention; the sampler). A prefill takes the fused norms, rotary embedding
 and SiLU·mul (the same arithmetic as eager) and, on cards where it is faster, the prefill
-attention kernel; its 4-bit products stay bitsandbytes'. A prefill forward builds no mask
+attention kernel and a one-kernel dequantization of each 4-bit weight before PyTorch's product
+(kernels/nf4_prefill.py: bitsandbytes' own weights, bit for bit). A prefill forward builds no mask
 where its attention reads none, and the prompt goes to the device once: nothing in a
-prefill waits for the GPU, so the host queues chunk after chunk ahead of it.
+prefill waits for the GPU, so the host queues chunk after chunk ahead of it. Where every
+attention takes the prefill kernel, a prompt's new part of up to 1,024 tokens is padded to a
+bucket and replayed as a CUDA graph, and longer ones are padded to a multiple of 128
+(prefill_graph.py). The cache itself (size, growth, write position): static_cache.py.
 """
 
 import inspect
