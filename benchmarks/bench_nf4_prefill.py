@@ -11,7 +11,6 @@ against bitsandbytes' ``dequantize_4bit``, bit for bit, in each compute dtype.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from qwen_magic import kernels  # noqa: E402
+from bench_prefill_attention import timed  # noqa: E402
 from qwen_magic.kernels import nf4_prefill  # noqa: E402
 
 SHAPES = [(3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]  # (N, K): q/o, k/v, gate/up, down
@@ -35,17 +35,7 @@ def layer(n, k, dtype=torch.float16):
 
 
 def gpu_us(fn, repeats=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(1000 * begin.elapsed_time(end))
-    return statistics.median(times)
+    return 1000 * timed(fn, repeats)  # bench_prefill_attention's CUDA-event median, in microseconds
 
 
 def host_us(fn, calls=200):

@@ -145,18 +145,13 @@ def test_routing(monkeypatch):
     assert len(calls) == 1  # not the engine's prefill (no filled length): SDPA as transformers calls it
 
 
-@child_only
-def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
-    """A fast engine's prefill (whole prompts, chunks after a cached prefix, chunks of a long prompt) runs its
-    attention through the kernel, and its teacher-forced logits equal a plain forward's as closely as the
-    engine's own stock path does (float32, the CPU through the interpreter)."""
+def prefill_kernel_model(tmp_path, monkeypatch):
+    """A tiny float32 Qwen2 and its tokenizer, for an engine whose only kernel is the prefill kernel, run on CPU
+    tensors through the interpreter with small tiles (the other kernels have their own tests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qwen_magic import fast
-    from qwen_magic.fast import FastEngine
     from qwen_magic.kernels import prefill
     from qwen_magic.tiny import write_tiny_model
-    from test_fast import forced_logits, reference_logits, relative_error
 
     path = write_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
                             num_key_value_heads=2, num_hidden_layers=2)
@@ -165,15 +160,29 @@ def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
     monkeypatch.setattr(prefill, "FORCE_CPU", True)
     monkeypatch.setattr(prefill, "BLOCK_M", 32)
     monkeypatch.setattr(prefill, "BLOCK_N", 16)
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 80)  # prompts over 160 tokens go in chunks (of more than SMALL_QUERY)
-    calls = []
-    attention = prefill.attention
-    monkeypatch.setattr(prefill, "attention", lambda *args: calls.append(int(args[3])) or attention(*args))
-    for name in ("nf4", "fused", "decode", "sample"):  # only this kernel: the others have their own tests
+    for name in ("nf4", "fused", "decode", "sample"):
         module = __import__(f"qwen_magic.kernels.{name}", fromlist=["available"])
         monkeypatch.setattr(module, "available", lambda device=None: "not in this test")
     monkeypatch.setattr(prefill, "available", lambda device=None: None)
     monkeypatch.setattr(prefill, "check", lambda device=None, dtype=None: None)
+    return model, tokenizer
+
+
+@child_only
+def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
+    """A fast engine's prefill (whole prompts, chunks after a cached prefix, chunks of a long prompt) runs its
+    attention through the kernel, and its teacher-forced logits equal a plain forward's as closely as the
+    engine's own stock path does (float32, the CPU through the interpreter)."""
+    from qwen_magic import fast
+    from qwen_magic.fast import FastEngine
+    from qwen_magic.kernels import prefill
+    from test_fast import forced_logits, reference_logits, relative_error
+
+    model, tokenizer = prefill_kernel_model(tmp_path, monkeypatch)
+    monkeypatch.setattr(fast, "PREFILL_CHUNK", 80)  # prompts over 160 tokens go in chunks (of more than SMALL_QUERY)
+    calls = []
+    attention = prefill.attention
+    monkeypatch.setattr(prefill, "attention", lambda *args: calls.append(int(args[3])) or attention(*args))
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True)
     try:
         assert [module.__name__.rsplit(".", 1)[-1] for module in engine.kernels] == ["prefill"]
@@ -197,27 +206,12 @@ def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
     prefix (the padding's keys and values never reach a real token: the steps after it read the cache); a new part
     longer than the buckets is prefilled eagerly, padded to a multiple of PAD, and one that padding would carry past
     the cache's end as before."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from qwen_magic import prefill_graph
     from qwen_magic.fast import FastEngine
-    from qwen_magic.kernels import prefill
-    from qwen_magic.tiny import write_tiny_model
     from test_fast import forced_logits, reference_logits, relative_error
 
-    path = write_tiny_model(tmp_path / "tiny", hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                            num_key_value_heads=2, num_hidden_layers=2)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    monkeypatch.setattr(prefill, "FORCE_CPU", True)
-    monkeypatch.setattr(prefill, "BLOCK_M", 32)
-    monkeypatch.setattr(prefill, "BLOCK_N", 16)
+    model, tokenizer = prefill_kernel_model(tmp_path, monkeypatch)
     monkeypatch.setattr(prefill_graph, "BUCKETS", (96, 160))
-    for name in ("nf4", "fused", "decode", "sample"):
-        module = __import__(f"qwen_magic.kernels.{name}", fromlist=["available"])
-        monkeypatch.setattr(module, "available", lambda device=None: "not in this test")
-    monkeypatch.setattr(prefill, "available", lambda device=None: None)
-    monkeypatch.setattr(prefill, "check", lambda device=None, dtype=None: None)
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True, padded=True)
     padded, eager = [], []
     forward = engine.prefill_graphs._forward
