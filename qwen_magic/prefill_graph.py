@@ -15,8 +15,11 @@ What a graph reads at replay, filled just before it: the token ids (the first n 
 (start + 0 .. B - 1: the rotary embedding's and the cache writes'), the row whose logits are kept (n - 1), the
 start as the prefill attention kernel reads it, and the cache's write counters. Only where every attention of the
 model takes that kernel (kernels/prefill.py: it reads its start from the device; the other paths bake host values
-into a graph, and raise in the warm-up run here instead). Captured when the engine warms up, and again after a
-reply whenever its cache was rebuilt (graphs hold the cache's addresses).
+into a graph, and raise in the warm-up run here instead). Graphs hold the addresses of the cache they write, so
+a prompt from position 0 (a first question with nothing cached, a new or rebuilt cache) takes graphs that write a
+staging cache of their own (58 MiB for the 7B), whose first n positions are then copied into the engine's: they
+are captured once and outlive the engine's cache. A new part after cached tokens takes graphs that write the
+engine's cache in place, captured when the engine warms up and again after a reply whenever the cache was rebuilt.
 
 Without CUDA graphs (the CPU; tests asking for padding on an eager engine) the same padded forward runs eagerly in
 place of a replay: the graph's arithmetic, step by step.
@@ -33,6 +36,7 @@ from typing import Dict, Optional
 import torch
 
 from .attention import _filled, no_plan_kernels
+from .graph_capture import capturing
 from .kernels import prefilling
 
 BUCKETS = (128, 256, 512, 768, 1024)  # padded prompt lengths (each more than attention.SMALL_QUERY: the kernel's path)
@@ -47,108 +51,182 @@ def bucket_for(n: int) -> Optional[int]:
 
 
 class _Entry:
-    def __init__(self, size: int, at: int, device):
+    def __init__(self, size: int, at: int, device, cache, end: int):
         self.ids = torch.zeros((1, size), dtype=torch.long, device=device)
         self.base = torch.arange(size, device=device)
         self.positions = self.base + at
         self.last = torch.full((1,), size - 1, dtype=torch.long, device=device)
+        self.cache, self.end = cache, end  # the cache its forward writes, and how many positions it has
         self.graph = None
         self.logits = None
 
 
+def _point(cache, position: int) -> None:
+    """Aim a static cache's write counters (newer transformers keep one per layer) at ``position``, in place."""
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(position)
+
+
+def _made(cache, like) -> bool:
+    """Whether every layer of ``cache`` holds its keys and values; a new static cache makes them at its first write,
+    so make them here, of ``like``'s layers' kind (a first prompt's keys and values come from the staging cache)."""
+    for layer, model in zip(getattr(cache, "layers", ()), getattr(like, "layers", ())):
+        if getattr(layer, "keys", None) is not None or getattr(model, "keys", None) is None:
+            continue
+        make = getattr(layer, "lazy_initialization", None)
+        if make is None:
+            return False
+        keys, values = model.keys[:, :, :0], model.values[:, :, :0]
+        try:
+            make(keys, values)
+        except TypeError:  # transformers 4: the keys alone
+            make(keys)
+    layers = getattr(cache, "layers", ())
+    return bool(layers) and len(layers) == len(getattr(like, "layers", ())) and all(
+        getattr(layer, "keys", None) is not None for layer in layers)
+
+
 class PrefillGraphs:
+    """Two sets of graphs, one per bucket each: ``fresh`` for a prompt from position 0 (a first question with nothing
+    cached; a new or rebuilt cache), which write a staging cache of their own (BUCKETS[-1] positions) whose keys and
+    values are then copied into the engine's, so they outlive the engine's cache; and ``entries`` for a new part
+    after cached tokens, which write the engine's cache where it is (captured again after a rebuild)."""
+
     def __init__(self, engine):
         self.engine = engine
         self.entries: Dict[int, _Entry] = {}
+        self.fresh: Dict[int, _Entry] = {}
+        self.staging = None
         self.stale = True  # the cache changed since the last capture
         self.failed = ""  # why graphs are off (eager prefills from then on)
         self.graphed = engine.use_graph  # else (tests, and the CPU) the padded forward runs eagerly
         self.pool = None
+        self.warmed = set()  # (bucket, fresh) whose forward ran once outside a capture
 
-    def drop(self) -> None:
-        """Forget the graphs (the cache they write is gone); their memory pool goes with them (PyTorch frees a pool
-        no graph holds, and asserts on a capture into it: the next capture takes a new one)."""
+    def drop(self, everything: bool = False) -> None:
+        """Forget the graphs that write the engine's cache (it is gone), or ``everything`` (out of memory, closing).
+        Their memory pool goes with the last graph (PyTorch frees a pool no graph holds, and asserts on a capture into
+        it: the next capture takes a new one)."""
         self.entries.clear()
-        self.pool = None
+        if everything:
+            self.fresh.clear()
+            self.staging = None
+        if not self.fresh:
+            self.pool = None
         self.stale = True
 
     def run(self, tokens: torch.Tensor, start: int, n: int) -> Optional[torch.Tensor]:
         """Logits after ``tokens`` (a (1, n) device tensor) at positions ``start``.., through a graph; None where
         none takes them (too long, past the cache, not captured)."""
         size = bucket_for(n)
-        entry = self.entries.get(size) if size is not None else None
         engine = self.engine
-        if entry is None or self.failed or start + size > engine.capacity:
+        if size is None or self.failed:
+            return None
+        entry = self.fresh.get(size) if start == 0 else self.entries.get(size)
+        if entry is None or start + size > entry.end:
             return None
         entry.ids[:, :n].copy_(tokens)
         engine.start_tensor.fill_(start)
         torch.add(entry.base, start, out=entry.positions)
         entry.last.fill_(n - 1)
         engine.write_position = None
-        engine._write_at(start)
+        if entry.cache is engine.cache:
+            engine._write_at(start)
+        else:
+            _point(entry.cache, start)
         if entry.graph is not None:
             entry.graph.replay()
             logits = entry.logits
         else:
             logits = self._forward(entry)
+        if entry.cache is not engine.cache:  # the prompt's keys and values, into the engine's cache
+            if not _made(engine.cache, entry.cache):
+                return None  # a cache of another make: the eager prefill writes it
+            for source, target in zip(entry.cache.layers, engine.cache.layers):
+                target.keys[:, :, :n].copy_(source.keys[:, :, :n])
+                target.values[:, :, :n].copy_(source.values[:, :, :n])
         engine.write_position = None  # the counters moved past the padding
         return logits
 
     def _forward(self, entry: _Entry) -> torch.Tensor:
         engine = self.engine
-        _filled.end, _filled.maskless, _filled.length = engine.capacity, True, entry.ids.shape[1]
+        _filled.end, _filled.maskless, _filled.length = entry.end, True, entry.ids.shape[1]
         _filled.start, _filled.graphed = engine.start_tensor, True
         try:
             with no_plan_kernels(), (prefilling() if engine.kernels else nullcontext()):
                 out = engine.model(input_ids=entry.ids, cache_position=entry.positions, position_ids=entry.positions[None],
-                                   use_cache=True, logits_to_keep=entry.last, **{engine.cache_keyword: engine.cache})
+                                   use_cache=True, logits_to_keep=entry.last, **{engine.cache_keyword: entry.cache})
         finally:
             _filled.end, _filled.maskless, _filled.start, _filled.graphed = None, False, None, False
         return out.logits[:, -1, :]
 
     def capture(self) -> None:
-        """A graph per bucket for the current cache, where it fits past the cached tokens (its capture writes
-        keys and values into the cache's last positions). A failure switches graphs off for this engine."""
+        """The graphs not captured yet: a fresh one per bucket (once), and one per bucket for the engine's cache where
+        it fits past the cached tokens (its capture writes keys and values into the cache's last positions). A failure
+        switches graphs off for this engine."""
         engine = self.engine
         self.stale = False
-        for size in BUCKETS:
-            at = engine.capacity - size
-            if size in self.entries or at < len(engine.cached_ids):
-                continue
-            try:
-                with torch.inference_mode():
-                    self.entries[size] = self._capture(size, at)
-            except Exception as error:  # a path a graph cannot hold: eager prefills, said in the load summary
-                self.entries.clear()
-                self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
-                engine.note += f" (short prefills not graphed: {self.failed})"
-                engine.write_position = None
-                return
+        try:
+            with torch.inference_mode():
+                if self.staging is None:
+                    from transformers import StaticCache
 
-    def _capture(self, size: int, at: int) -> _Entry:
+                    self.staging = StaticCache(config=engine.model.config, max_cache_len=BUCKETS[-1])
+                for size in BUCKETS:
+                    if size not in self.fresh:
+                        self.fresh[size] = self._capture(size, 0, self.staging, BUCKETS[-1])
+                for size in BUCKETS:
+                    at = engine.capacity - size
+                    if size not in self.entries and at >= len(engine.cached_ids):
+                        self.entries[size] = self._capture(size, at, engine.cache, engine.capacity)
+        except torch.cuda.OutOfMemoryError:  # not a path graphs cannot hold: the caller says the card is full
+            self.drop(everything=True)
+            engine.write_position = None
+            raise
+        except Exception as error:  # a path a graph cannot hold: eager prefills, said in the load summary
+            self.drop(everything=True)
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            engine.note += f" (short prefills not graphed: {self.failed})"
+            engine.write_position = None
+
+    def _capture(self, size: int, at: int, cache, end: int) -> _Entry:
         engine = self.engine
-        entry = _Entry(size, at, engine.device)
-        engine.start_tensor.fill_(at)
-        engine.write_position = None
-        engine._write_at(at)
+        entry = _Entry(size, at, engine.device, cache, end)
+
+        def aim():
+            engine.start_tensor.fill_(at)
+            engine.write_position = None
+            if cache is engine.cache:
+                engine._write_at(at)
+            else:
+                _point(cache, at)
+
+        aim()
         if not self.graphed:
             engine.write_position = None
             return entry
-        # One eager run first, on a side stream: kernels compile, libraries pick their algorithms, and a path that
-        # a graph cannot hold raises here, outside any capture.
+        # One eager run first, on a side stream: kernels compile, libraries pick their algorithms, a cache makes its
+        # keys and values (never inside a capture: they would live in the graph's pool), and a path that a graph cannot
+        # hold raises here, outside any capture. Once per bucket and kind: a rebuilt cache's graphs are captured at once.
         current = torch.cuda.current_stream(engine.device)
         side = engine.capture_stream()
+        kind = (size, cache is self.staging)
+        if kind not in self.warmed or not _made(cache, self.staging):
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self._forward(entry)
+            self.warmed.add(kind)
+            aim()
         side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self._forward(entry)
-        current.wait_stream(side)
-        engine.write_position = None
-        engine._write_at(at)
         if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()  # the buckets share one pool: they never replay at once
+            self.pool = torch.cuda.graph_pool_handle()  # all buckets share one pool: they never replay at once
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
+        with capturing(graph, side, self.pool):
             entry.logits = self._forward(entry)
+        aim()
+        graph.replay()  # a graph's first replay uploads it to the card (milliseconds): here, not in a first question
         entry.graph = graph
         engine.write_position = None
         return entry

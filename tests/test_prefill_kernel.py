@@ -202,10 +202,11 @@ def test_engine_prefill_takes_the_kernel(tmp_path, monkeypatch):
 @child_only
 def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
     """Short prompts padded to a bucket (prefill_graph.py: the forward a CUDA graph replays on a GPU, run eagerly
-    here): teacher-forced logits equal a plain forward's, for a first prompt and for a new message after a cached
-    prefix (the padding's keys and values never reach a real token: the steps after it read the cache); a new part
-    longer than the buckets is prefilled eagerly, padded to a multiple of PAD, and one that padding would carry past
-    the cache's end as before."""
+    here): teacher-forced logits equal a plain forward's, for a first prompt (through the staging cache, copied into
+    the engine's) and for a new message after a cached prefix (in the engine's cache; the padding's keys and values
+    never reach a real token: the steps after it read the cache); a first prompt into a new cache (its layers not made
+    yet) takes the staging graphs too; a new part longer than the buckets is prefilled eagerly, padded to a multiple
+    of PAD, and one that padding would carry past the cache's end as before."""
     from qwen_magic import prefill_graph
     from qwen_magic.fast import FastEngine
     from test_fast import forced_logits, reference_logits, relative_error
@@ -213,32 +214,39 @@ def test_padded_prefill_equals_the_plain_one(tmp_path, monkeypatch):
     model, tokenizer = prefill_kernel_model(tmp_path, monkeypatch)
     monkeypatch.setattr(prefill_graph, "BUCKETS", (96, 160))
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True, padded=True)
-    padded, eager = [], []
-    forward = engine.prefill_graphs._forward
-    engine.prefill_graphs._forward = lambda entry: padded.append(entry.ids.shape[1]) or forward(entry)
+    graphs = engine.prefill_graphs
+    padded, eager = [], []  # (bucket, whether it wrote the engine's cache in place)
+    forward = graphs._forward
+    graphs._forward = lambda entry: padded.append((entry.ids.shape[1], entry.cache is engine.cache)) or forward(entry)
     eager_forward = engine._forward
     engine._forward = lambda ids, start, extra=None, size=None: eager.append((ids.shape[1], size)) or eager_forward(ids, start, extra, size)
     try:
         with torch.inference_mode():
             engine._reserve(600)
-        engine.prefill_graphs.capture()
-        assert sorted(engine.prefill_graphs.entries) == [96, 160], engine.prefill_graphs.failed
+        graphs.capture()
+        assert sorted(graphs.entries) == sorted(graphs.fresh) == [96, 160], graphs.failed
         first, reply = list(range(3, 90)), list(range(100, 106))
         assert relative_error(forced_logits(engine, first, reply), reference_logits(model, first, reply)) < 1e-5
-        assert padded == [96] and engine.reused == 0
+        assert padded == [(96, False)] and engine.reused == 0
         second = first + reply + list(range(120, 220))  # 100 new tokens after the cached prefix: the second bucket
         assert relative_error(forced_logits(engine, second, reply), reference_logits(model, second, reply)) < 1e-5
-        assert padded == [96, 160] and engine.reused == len(first) + len(reply)
+        assert padded[1:] == [(160, True)] and engine.reused == len(first) + len(reply)
         third = second + reply + list(range(230, 400))  # 170 new tokens (the reply is cached): more than the largest bucket
         assert relative_error(forced_logits(engine, third, reply), reference_logits(model, third, reply)) < 1e-5
-        assert padded == [96, 160] and eager == [(170, 256)]  # eager, padded to a multiple of PAD (few product shapes)
+        assert len(padded) == 2 and eager == [(170, 256)]  # eager, padded to a multiple of PAD (few product shapes)
         fourth = [3 + i % 300 for i in range(engine.capacity - 50)]  # a new part that a bucket would carry past the cache's end
         engine.cached_ids = fourth[:-20]
         with torch.inference_mode():
             engine.prefill(fourth)
-        assert padded == [96, 160] and engine.reused == len(fourth) - 20 and eager[-1] == (20, None)  # no room to pad
+        assert len(padded) == 2 and engine.reused == len(fourth) - 20 and eager[-1] == (20, None)  # no room to pad
+        engine._drop_cache()  # a new cache, as after running out of memory: the in-place graphs are gone, not the staging ones
+        assert not graphs.entries and sorted(graphs.fresh) == [96, 160] and graphs.stale
+        other = list(range(40, 180))  # a first prompt into a cache whose layers are not made yet
+        assert relative_error(forced_logits(engine, other, reply), reference_logits(model, other, reply)) < 1e-5
+        assert padded[2:] == [(160, False)] and engine.reused == 0 and len(eager) == 2
     finally:
         engine.close()
+    assert not graphs.fresh and graphs.staging is None  # closing lets the staging cache go
 
 
 def test_a_graphed_prefill_takes_only_the_kernel(monkeypatch):
