@@ -220,7 +220,7 @@ class ReplyStream:
             prompt_tokens=self.info.get("prompt_tokens", self.prompt_tokens),
             finish_reason=reason,
             first_token_seconds=None if self._first_token_at is None else self._first_token_at - self._started,
-            seconds=time.perf_counter() - self._started,
+            seconds=self.info.get("finished_at", time.perf_counter()) - self._started,  # a producer's work after the last token is not the reply's
             cached_tokens=self.info.get("cached_tokens", 0),
             completion_tokens=self.info.get("completion_tokens", len(ids)) if texts else None,
         )

@@ -24,7 +24,8 @@ where its attention reads none, and the prompt goes to the device once: nothing 
 prefill waits for the GPU, so the host queues chunk after chunk ahead of it. Where every
 attention takes the prefill kernel, a prompt's new part of up to 1,024 tokens is padded to a
 bucket and replayed as a CUDA graph, and longer ones are padded to a multiple of 128
-(prefill_graph.py). The cache itself (size, growth, write position): static_cache.py.
+(prefill_graph.py). The cache itself (size, growth, write position): static_cache.py; a cache that the
+next turn would outgrow grows after the reply, with its graphs, not between two tokens of the next one.
 """
 
 import inspect
@@ -39,6 +40,7 @@ import torch
 from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill, no_plan_kernels,  # noqa: F401 (grouped_attention: tests)
                         register_attention)
 from .engine import ReplyStream, end_token_ids, model_device
+from .graph_capture import capturing
 from .hybrid import HybridStates, is_hybrid
 from .static_cache import CAPACITY_STEP, FIRST_CAPACITY, GROWTH, GROWTH_MAX, CacheMixin, _round_up  # noqa: F401 (constants: tests, benchmarks)
 from .kernels import decoding, load_kernels, prefilling, release
@@ -49,6 +51,8 @@ from .settings import GenerationSettings
 from .split import capture_split, decoder_for
 
 PREFILL_CHUNK = 2730  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
+NEXT_MESSAGE = 256  # tokens a next question is taken to add, when a cache is grown after a reply (_grow_ahead)
+MOST_CHUNKS = 3  # ... but a prompt longer than this many of them goes in this many chunks (see _chunk_end)
 
 
 def cache_keyword(model) -> str:
@@ -69,12 +73,16 @@ def _chunk_end(begin: int, start: int, end: int, step: int = 1) -> int:
     PREFILL_CHUNK tokens (4,095) go in one forward, as the recipe's (each forward dequantizes every 4-bit weight
     once, and a short last chunk would cost that for little work); more go in equal chunks of about PREFILL_CHUNK
     (8,000 tokens: three of 2,667), which keeps a long prompt's activations (and the peak memory with 8,000 tokens
-    of history: 6.53 GiB for the 7B at most, issue 13) below those of a 4,095-token forward. ``step``: chunks a
-    multiple of it (a padded prefill's: only the last one is padded; 8,000 tokens: 2,688 + 2,688 + 2,624)."""
+    of history: 6.53 GiB for the 7B at most, issue 13) below those of a 4,095-token forward. Past MOST_CHUNKS ×
+    PREFILL_CHUNK tokens, MOST_CHUNKS equal chunks (16,000 tokens: three of 5,334): every chunk dequantizes each
+    4-bit weight again, which at 16,000 tokens in six chunks made the prefill slower than the recipe's one forward
+    (0.58 s against 0.56 on an H100; three chunks: 0.53), and a third of a prompt's activations (the 7B: about 165
+    KiB a token) stay about the size of its cache (56 KiB a token). ``step``: chunks a multiple of it (a padded
+    prefill's: only the last one is padded; 8,000 tokens: 2,688 + 2,688 + 2,624)."""
     total = end - begin
     if total <= 3 * PREFILL_CHUNK // 2:
         return end
-    size = -(-total // -(-total // PREFILL_CHUNK))
+    size = -(-total // min(-(-total // PREFILL_CHUNK), MOST_CHUNKS))
     return min(end, start + -(-size // step) * step)
 
 
@@ -260,11 +268,14 @@ class FastEngine(CacheMixin):
         self.static_position = torch.full((1,), self.capacity - 1, dtype=torch.long, device=self.device)
         saved = self.states.take(()) if self.states is not None else None  # warm-up steps fold into the recurrent state
         # Warm-up steps let libraries set themselves up outside the capture; once is enough per engine, so a
-        # cache that grows later captures its new graph without them (a shorter pause between two tokens).
+        # cache that grows later captures its new graph without them (a shorter pause between two tokens). A cache
+        # not written yet makes its keys and values at its first write, which must not be inside the capture (it
+        # would be recorded: every replay would clear the cache): one warm-up step first.
+        made = all(getattr(layer, "is_initialized", True) for layer in getattr(self.cache, "layers", ()))
         side = self.capture_stream()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(0 if self.captured else 2):
+            for _ in range(2 if not self.captured else 0 if made else 1):
                 self.write_position = None
                 self._write_at(self.capacity - 1)
                 self._step_eager(self.static_token, self.static_position)
@@ -272,7 +283,7 @@ class FastEngine(CacheMixin):
         self.write_position = None
         self._write_at(self.capacity - 1)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
+        with capturing(graph, side):
             self.static_logits = self._step_eager(self.static_token, self.static_position)
         self.graph = graph
         self.captured = True
@@ -404,10 +415,30 @@ class FastEngine(CacheMixin):
                 if value in self.end_ids or stop_event.is_set() or following is None:
                     break
             token = following
+        info["finished_at"] = clock()  # what follows is not the reply's time
         if self.states is not None and len(self.cached_ids) > len(ids):
             self.states.record(self.cached_ids)  # the next turn may drop this reply (thinking), or undo it
+        if not stop_event.is_set():
+            self._grow_ahead(settings.max_new_tokens)
         if self.prefill_graphs is not None and self.prefill_graphs.stale:
-            self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
+            try:
+                self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
+            except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn prefills eagerly
+                self.prefill_graphs.drop(everything=True)
+    def _grow_ahead(self, max_new_tokens: int) -> None:
+        """After a reply: grow a cache that the next turn would outgrow (this history, a new message of NEXT_MESSAGE
+        tokens, as many new tokens as this reply could have), and capture its decode graph now, after the last
+        token, rather than between the next reply's first two tokens (a pause of about 56 ms on an H100)."""
+        needed = len(self.cached_ids) + NEXT_MESSAGE + max_new_tokens
+        if self.cache is None or needed <= self.capacity or needed > self.context_length:
+            return
+        try:
+            self._reserve(needed)
+            if self.use_graph:
+                self._capture()
+        except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn builds the cache it needs
+            self._drop_cache(release=True)
+
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache(release=True)

@@ -81,3 +81,23 @@ def test_sampling_with_a_seed_is_reproducible(tiny):
     assert generate_reply(tiny, QUESTION, settings).token_ids == first.token_ids
     other = [generate_reply(tiny, QUESTION, settings.overridden(seed=s)).token_ids for s in range(4)]
     assert any(ids != first.token_ids for ids in other)
+
+
+def test_a_replys_time_ends_at_its_last_token():
+    """What a producer does after its last token (the fast engine grows its cache or captures graphs there) is not
+    counted in the reply's time, when the producer says when it finished."""
+    import time
+
+    from qwen_magic.engine import ReplyStream
+
+    info = {}
+
+    def produce(emit, stop_event):
+        emit("广州")  # text pieces, as a server's producer emits them
+        emit("美食")
+        info["finished_at"] = time.perf_counter()
+        time.sleep(0.5)
+
+    stream = ReplyStream(None, 3, produce, max_new_tokens=2, end_ids=set(), info=info)
+    list(stream)
+    assert stream.result.text == "广州美食" and stream.result.seconds < 0.5

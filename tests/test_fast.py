@@ -98,6 +98,7 @@ def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monk
     model, tokenizer = model_and_tokenizer
     monkeypatch.setattr(attention, "SMALL_QUERY", 4)  # the tiny prompts count as prefills
     monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
+    monkeypatch.setattr(fast, "MOST_CHUNKS", 8)
     seen = []
     original, lower_right = attention.sdpa_attention_forward, attention._lower_right
 
@@ -159,6 +160,57 @@ def test_a_prefill_builds_no_mask(engine, model_and_tokenizer, monkeypatch):
     got = forced_logits(engine, first, reply)
     assert built  # the decode steps' masks
     assert relative_error(got, reference_logits(model, first, reply)) < 1e-5
+
+
+def test_a_cache_the_next_turn_would_outgrow_grows_after_the_reply(engine, classic, monkeypatch):
+    """After a reply, a cache with less room left than a next message (NEXT_MESSAGE) and a reply need grows then,
+    keeping what it holds (with a CUDA graph, its decode graph is captured then, not between two tokens of the next
+    reply), so the next turns' prefills do not grow it; the greedy replies stay the recipe's."""
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(fast, "NEXT_MESSAGE", 64)
+    settings = GenerationSettings(do_sample=False, max_new_tokens=8)
+    ahead, reserve, after, during = engine._grow_ahead, engine._reserve, [], []
+
+    def grow_ahead(max_new_tokens):
+        before = engine.capacity
+        engine._reserve = reserve
+        try:
+            ahead(max_new_tokens)
+        finally:
+            engine._reserve = spy
+        after.append((before, engine.capacity, len(engine.cached_ids)))
+
+    def spy(needed):  # a turn's own prefill
+        before = engine.capacity
+        reserve(needed)
+        during.append(engine.capacity > before)
+
+    engine._grow_ahead, engine._reserve = grow_ahead, spy
+    greedy_turns_equal_the_recipe(engine, classic, settings)
+    assert len(after) == 3 and any(capacity > before for before, capacity, _ in after)
+    assert all(capacity >= held + 64 + 8 for _, capacity, held in after)
+    assert during[0] and not any(during[1:])  # only the first turn built a cache
+
+
+def chunks_of(total, step=1):
+    ends, start = [], 0
+    while start < total:
+        start = fast._chunk_end(0, start, total, step)
+        ends.append(start)
+    return [b - a for a, b in zip([0] + ends, ends)]
+
+
+def test_prefill_chunks():
+    """Up to 1.5 × PREFILL_CHUNK tokens in one forward; more in equal chunks of about PREFILL_CHUNK, at most
+    MOST_CHUNKS of them (each chunk dequantizes every 4-bit weight again); padded prefills' chunks are multiples of
+    the step (only the last one padded)."""
+    assert fast.PREFILL_CHUNK == 2730 and fast.MOST_CHUNKS == 3
+    assert chunks_of(4095) == [4095]
+    assert chunks_of(6000) == [2000, 2000, 2000]
+    assert chunks_of(8000) == [2667, 2667, 2666]
+    assert chunks_of(8000, 128) == [2688, 2688, 2624]
+    assert chunks_of(16000) == [5334, 5334, 5332]
+    assert chunks_of(32000, 128) == [10752, 10752, 10496]
 
 
 def greedy_turns_equal_the_recipe(engine, classic, settings):
