@@ -228,10 +228,7 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         raise LoadError(f"Could not load {name}: {_first_line(error)}") from None
     except torch.cuda.OutOfMemoryError:
         free(None)  # whatever was placed on the GPU before the failure
-        raise LoadError(
-            f"Out of GPU memory loading {name}: load it in 4 bits (--bits 4), pick a smaller model, "
-            "or free memory (%qwen_unload, or restart the runtime)."
-        ) from None
+        raise _out_of_memory(name) from None
     model.eval()
 
     if getattr(model, "hf_device_map", None):
@@ -242,7 +239,12 @@ def load_prepared(plan: LoadPlan, notify: Callable[[str], None] = print) -> Load
         devices = str(model.device)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     context = int(getattr(text_config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 0))
-    chosen, note = pick_engine(model, tokenizer, plan.engine, context)
+    try:
+        chosen, note = pick_engine(model, tokenizer, plan.engine, context)
+    except torch.cuda.OutOfMemoryError:  # the weights fit, the engine's first cache and graphs did not
+        model = None
+        free(None)
+        raise _out_of_memory(name) from None
     if plan.processor is not None:
         chosen, note = _vision_engine(model, plan.processor, chosen, note)
     return LoadedModel(
@@ -289,6 +291,11 @@ def _vision_engine(model, processor, chosen, note: str):
     return VisionEngine(model, processor), note
 
 
+def _out_of_memory(name: str) -> "LoadError":
+    return LoadError(f"Out of GPU memory loading {name}: load it in 4 bits (--bits 4), pick a smaller model, "
+                     "or free memory (%qwen_unload, or restart the runtime).")
+
+
 def load(name: str, *, notify: Callable[[str], None] = print, **options) -> LoadedModel:
     """``prepare`` then ``load_prepared``: check, then load (``options`` as ``prepare`` takes them)."""
     return load_prepared(prepare(name, notify=notify, **options), notify)
@@ -313,6 +320,10 @@ def pick_engine(model, tokenizer, wanted: str, context_length: int):
         fast = FastEngine(model, tokenizer, context_length=context_length)
         fast.warm_up()
         return fast, fast.note
+    except torch.cuda.OutOfMemoryError:  # not the architecture: the card is full (the loader says so)
+        if fast is not None:
+            fast.close()
+        raise
     except Exception as error:  # an architecture or setup the fast loop cannot run: fall back, say why
         if fast is not None:
             fast.close()

@@ -59,6 +59,20 @@ def test_out_of_memory_while_loading(ip, qwen, tiny_model_dir, monkeypatch):
     assert qwen.loaded is None  # the old model went first, cleanly; nothing half loaded
 
 
+def test_out_of_memory_setting_the_fast_engine_up(ip, qwen, tiny_model_dir, monkeypatch):
+    """The weights fit but the fast engine's first cache and graphs do not: the same one line as a load that ran out,
+    not a fall back to generate that would run out at the first question."""
+    from qwen_magic.fast import FastEngine
+
+    def too_big(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FastEngine, "warm_up", too_big)
+    message = usage_error(ip.run_line_magic, "qwen_load", f"{tiny_model_dir} --engine fast")
+    assert message.startswith(f"Out of GPU memory loading {tiny_model_dir}: load it in 4 bits (--bits 4)")
+    assert qwen.loaded is None
+
+
 def test_interrupt_while_loading(ip, qwen, tiny_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
