@@ -194,6 +194,39 @@ def fast_sweep(engine, tokenizer, lengths, results):
         results["capture_s_grown"] = seconds
 
 
+def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
+    """A chat whose cache must grow (a first cache of FIRST_CAPACITY tokens, 3,700 tokens of history, replies of
+    ``new_tokens``): the longest pause between two tokens of a reply, and the longest wait after a reply's last token
+    (where the engine grows a cache the next turn would outgrow, and captures its graphs), each over the turns."""
+    import threading
+
+    settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens)
+    engine._drop_cache()
+    with torch.inference_mode():
+        engine._reserve(FIRST_CAPACITY)  # the first cache and its graphs, as the load leaves them
+        engine._capture()
+    if engine.prefill_graphs is not None:
+        engine.prefill_graphs.capture()
+    history = history_of(tokenizer, 3700)
+    gaps, waits, capacities = [], [], [engine.capacity]
+    for turn in range(turns):
+        messages = history + [{"role": "user", "content": f"第{turn + 1}个问题:它有什么好吃的美食吗?"}]
+        ids = prompt_ids(tokenizer, messages)
+        stamps, tokens = [], []
+        emit = lambda new: (stamps.append(time.perf_counter()), tokens.extend(new))
+        torch.cuda.synchronize()
+        with engine.lock, torch.inference_mode():
+            engine._generate(ids, settings, emit, threading.Event(), {})
+        done = time.perf_counter()
+        gaps.append(max(b - a for a, b in zip(stamps, stamps[1:])))
+        waits.append(done - stamps[-1])
+        capacities.append(engine.capacity)
+        history = messages + [{"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)}]
+    results["growth_gap_ms"] = [round(1000 * gap, 1) for gap in gaps]
+    results["growth_wait_ms"] = [round(1000 * wait, 1) for wait in waits]
+    results["growth_capacities"] = capacities
+
+
 def peak_memory(args):
     """Load, then one turn with HISTORY tokens of history and TOKENS new ones; print the peaks as JSON."""
     engine = "generate" if args.peak == "classic" else "auto"
@@ -277,6 +310,7 @@ def main():
                 for name in ("sampled", "greedy")}
     question_messages = [{"role": "user", "content": QUESTION}]
     fast_sweep(engine, tokenizer, args.sweep, results)  # first, as a user's first questions come after the load
+    growth_pauses(engine, tokenizer, results)
     generate_reply(engine, question_messages, settings["sampled"])  # warm-up (and the cache sized)
     for name in ("sampled", "greedy"):
         rates = [generate_reply(engine, question_messages, settings[name]).tokens_per_second for _ in range(3)]
@@ -382,6 +416,9 @@ def report(r, args):
             lines.append(f"| {r[f'sweep_tokens_{n}']:,} | {c1:.3f} | {c2:.3f} | {c3:.3f} | {o1:.3f} | {o2:.3f} | {o3:.3f} | {o1 / c1:.2f} | "
                          f"{o2 / c2:.2f} | {o1 / o2:.2f} |")
         lines.append(f"\ngraph capture for a grown cache ({2 * FIRST_CAPACITY:,}+ tokens): {1000 * r['capture_s_grown']:.0f} ms")
+    if "growth_gap_ms" in r:
+        lines.append(f"a chat whose cache grows (cache sizes {r['growth_capacities']}): longest pause between two tokens per reply "
+                     f"{r['growth_gap_ms']} ms; wait after each reply's last token {r['growth_wait_ms']} ms")
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)

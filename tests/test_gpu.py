@@ -214,6 +214,7 @@ def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
             with capture_output():
                 ip.run_cell_magic("qwen", "--max-new-tokens 8", "again")
         assert magics.conversation.to_json() == before
+        filler += fill()  # running out gave the engine's graphs and staging cache back: the card must be full again
         with pytest.raises(UsageError, match="^Out of GPU memory loading"):
             with capture_output():
                 ip.run_line_magic("qwen_load", gpu_model_dir)
@@ -228,10 +229,65 @@ def test_real_out_of_memory_while_loading_and_generating(gpu_model_dir):
         ip.extension_manager.unload_extension("qwen_magic")
 
 
+def test_a_cache_grows_after_the_reply_that_nearly_fills_it(nf4, monkeypatch):
+    """With CUDA graphs: a reply that leaves less room than a next turn needs grows the cache and captures its decode
+    graph after its last token; the next turn captures nothing between its tokens, and both greedy replies equal the
+    eager engine's."""
+    from qwen_magic import static_cache
+
+    engine, model, tokenizer = nf4.engine, nf4.model, nf4.tokenizer
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
+    monkeypatch.setattr(fast, "NEXT_MESSAGE", 64)
+    eager = eager_twin(engine, model, tokenizer)
+    captures, ahead, capture = [], engine._grow_ahead, engine._capture
+    state = {"ahead": False}
+
+    def grow_ahead(max_new_tokens):
+        state["ahead"] = True
+        try:
+            ahead(max_new_tokens)
+        finally:
+            state["ahead"] = False
+
+    monkeypatch.setattr(engine, "_grow_ahead", grow_ahead)
+    monkeypatch.setattr(engine, "_capture", lambda: captures.append(state["ahead"]) or capture())
+    settings = GenerationSettings(do_sample=False, max_new_tokens=16)
+    history = [{"role": "user", "content": "介绍广州这座城市"}]
+    engine._drop_cache()
+    eager._drop_cache()
+    with torch.inference_mode():
+        engine._reserve(len(prompt_ids(tokenizer, history)) + 16)  # a cache this turn fills
+        engine._capture()
+    small, captures[:] = engine.capacity, []
+    first = generate_reply(engine, history, settings)
+    assert engine.capacity > small and captures == [True] and engine.graph is not None
+    assert first.token_ids == generate_reply(eager, history, settings).token_ids
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "它有什么好吃的美食吗?"}]
+    second = generate_reply(engine, history, settings)
+    assert second.cached_tokens > 0 and all(captures)  # any capture came after a reply
+    assert second.token_ids == generate_reply(eager, history, settings).token_ids
+    eager._drop_cache()
+
+
+def test_a_new_cache_has_its_write_counters_on_the_card(nf4):
+    """A new cache's write counters (transformers' static layers keep one each) are on the GPU before its first
+    prefill: moved there by the first write, they cost a blocking copy per layer, the host waiting for the GPU."""
+    engine = nf4.engine
+    engine._drop_cache()
+    with torch.inference_mode():
+        engine._reserve(64)
+    counters = [getattr(layer, "cumulative_length", None) for layer in getattr(engine.cache, "layers", ())]
+    counters = [counter for counter in counters if isinstance(counter, torch.Tensor)]
+    assert all(counter.device.type == "cuda" for counter in counters)
+    reply = generate_reply(engine, [{"role": "user", "content": "介绍广州这座城市"}], GenerationSettings(do_sample=False, max_new_tokens=8))
+    assert reply.new_tokens > 0
+
+
 def test_short_prefills_replay_graphs(nf4, monkeypatch):
-    """In half precision on a card where the prefill kernel runs, a first question and a new message after a cached
-    history are each one graph replay (prefill_graph.py), and the greedy reply equals the eager engine's that runs the
-    same padded forwards step by step."""
+    """In half precision on a card where the prefill kernel runs, a first question (through the staging cache) and a
+    new message after a cached history (in the engine's cache) are each one graph replay (prefill_graph.py), and the
+    greedy reply equals the eager engine's that runs the same padded forwards step by step; a first question into a
+    rebuilt cache replays too, and the in-place graphs come back after that reply."""
     from qwen_magic import prefill_graph
     from qwen_magic.kernels import prefill
 
@@ -241,21 +297,29 @@ def test_short_prefills_replay_graphs(nf4, monkeypatch):
         assert graphs is None
         pytest.skip("short prefills are graphed only in half precision where the prefill kernel runs")
     assert graphs is not None and not graphs.failed, engine.note
-    assert sorted(graphs.entries) == list(prefill_graph.BUCKETS)
-    replayed, run = [], graphs.run
-    monkeypatch.setattr(graphs, "run", lambda *args: (lambda out: replayed.append(out is not None) or out)(run(*args)))
+    engine._drop_cache()  # a first cache as the load leaves it (earlier tests left a small one)
+    with torch.inference_mode():
+        engine._reserve(fast.FIRST_CAPACITY)
+    assert sorted(graphs.fresh) == list(prefill_graph.BUCKETS) and not graphs.entries and graphs.stale
+    replayed, run = [], graphs.run  # (from position 0, replayed)
+    monkeypatch.setattr(graphs, "run", lambda tokens, start, n: (lambda out: replayed.append((start == 0, out is not None)) or out)(run(tokens, start, n)))
     eager = eager_twin(engine, model, nf4.tokenizer)
     settings = GenerationSettings(do_sample=False, max_new_tokens=16)
     history = [{"role": "user", "content": "介绍广州这座城市"}]
+    engine.cached_ids = eager.cached_ids = []  # a new conversation, nothing of it cached (an earlier test's system prompt is)
     first = generate_reply(engine, history, settings)
     assert first.token_ids == generate_reply(eager, history, settings).token_ids
+    assert sorted(graphs.entries) == list(prefill_graph.BUCKETS) and not graphs.stale  # captured after the reply
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "它有什么好吃的美食吗?"}]
     second = generate_reply(engine, history, settings)
     assert second.cached_tokens > 0 and second.token_ids == generate_reply(eager, history, settings).token_ids
-    assert replayed == [True, True]
-    engine._drop_cache()  # as when the cache grows: this turn prefills eagerly, and its graphs come back after it
-    generate_reply(engine, history, settings)
-    assert not graphs.failed and graphs.entries and not graphs.stale, graphs.failed
+    assert replayed == [(True, True), (False, True)]
+    engine._drop_cache()  # as after running out of memory: a new cache, whose in-place graphs come after this turn
+    eager._drop_cache()
     third = generate_reply(engine, history, settings)
-    assert replayed == [True, True, False, True] and third.new_tokens > 0
+    assert third.cached_tokens == 0 and third.token_ids == generate_reply(eager, history, settings).token_ids
+    fitting = [size for size in prefill_graph.BUCKETS if engine.capacity - size >= len(engine.cached_ids)]
+    assert not graphs.failed and fitting and sorted(graphs.entries) == fitting and not graphs.stale, graphs.failed
+    fourth = generate_reply(engine, history, settings)
+    assert replayed[2:] == [(True, True), (False, True)] and fourth.new_tokens > 0, replayed
     eager._drop_cache()
