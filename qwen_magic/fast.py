@@ -42,7 +42,7 @@ from .attention import (ATTENTION, _filled, grouped_attention, maskless_prefill,
 from .engine import ReplyStream, end_token_ids, model_device
 from .graph_capture import capturing
 from .hybrid import HybridStates, is_hybrid
-from .static_cache import CAPACITY_STEP, FIRST_CAPACITY, GROWTH, GROWTH_MAX, CacheMixin, _round_up  # noqa: F401 (constants: tests, benchmarks)
+from .static_cache import CAPACITY_STEP, FIRST_CAPACITY, GROWTH, GROWTH_MAX, NEXT_MESSAGE, CacheMixin, _round_up  # noqa: F401 (constants: tests, benchmarks)
 from .kernels import decoding, load_kernels, prefilling, release
 from .prefill_graph import PAD, PrefillGraphs, meet_product_shapes
 from .prompt import encode, prepare, render
@@ -51,7 +51,6 @@ from .settings import GenerationSettings
 from .split import capture_split, decoder_for
 
 PREFILL_CHUNK = 2730  # tokens per prefill forward on long prompts: bounds activation memory (see _chunk_end)
-NEXT_MESSAGE = 256  # tokens a next question is taken to add, when a cache is grown after a reply (_grow_ahead)
 MOST_CHUNKS = 3  # ... but a prompt longer than this many of them goes in this many chunks (see _chunk_end)
 
 
@@ -425,20 +424,6 @@ class FastEngine(CacheMixin):
                 self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
             except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn prefills eagerly
                 self.prefill_graphs.drop(everything=True)
-    def _grow_ahead(self, max_new_tokens: int) -> None:
-        """After a reply: grow a cache that the next turn would outgrow (this history, a new message of NEXT_MESSAGE
-        tokens, as many new tokens as this reply could have), and capture its decode graph now, after the last
-        token, rather than between the next reply's first two tokens (a pause of about 56 ms on an H100)."""
-        needed = len(self.cached_ids) + NEXT_MESSAGE + max_new_tokens
-        if self.cache is None or needed <= self.capacity or needed > self.context_length:
-            return
-        try:
-            self._reserve(needed)
-            if self.use_graph:
-                self._capture()
-        except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn builds the cache it needs
-            self._drop_cache(release=True)
-
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache(release=True)

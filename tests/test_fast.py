@@ -167,7 +167,7 @@ def test_a_cache_the_next_turn_would_outgrow_grows_after_the_reply(engine, class
     keeping what it holds (with a CUDA graph, its decode graph is captured then, not between two tokens of the next
     reply), so the next turns' prefills do not grow it; the greedy replies stay the recipe's."""
     monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
-    monkeypatch.setattr(fast, "NEXT_MESSAGE", 64)
+    monkeypatch.setattr(static_cache, "NEXT_MESSAGE", 64)
     settings = GenerationSettings(do_sample=False, max_new_tokens=8)
     ahead, reserve, after, during = engine._grow_ahead, engine._reserve, [], []
 

@@ -237,7 +237,7 @@ def test_a_cache_grows_after_the_reply_that_nearly_fills_it(nf4, monkeypatch):
 
     engine, model, tokenizer = nf4.engine, nf4.model, nf4.tokenizer
     monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
-    monkeypatch.setattr(fast, "NEXT_MESSAGE", 64)
+    monkeypatch.setattr(static_cache, "NEXT_MESSAGE", 64)
     eager = eager_twin(engine, model, tokenizer)
     captures, ahead, capture = [], engine._grow_ahead, engine._capture
     state = {"ahead": False}
