@@ -220,7 +220,8 @@ class ReplyStream:
             prompt_tokens=self.info.get("prompt_tokens", self.prompt_tokens),
             finish_reason=reason,
             first_token_seconds=None if self._first_token_at is None else self._first_token_at - self._started,
-            seconds=self.info.get("finished_at", time.perf_counter()) - self._started,  # a producer's work after the last token is not the reply's
+            # A producer's work after its last token (the fast engine growing its cache) is not the reply's time.
+            seconds=self.info.get("finished_at", time.perf_counter()) - self._started,
             cached_tokens=self.info.get("cached_tokens", 0),
             completion_tokens=self.info.get("completion_tokens", len(ids)) if texts else None,
         )

@@ -424,6 +424,7 @@ class FastEngine(CacheMixin):
                 self.prefill_graphs.capture()  # the cache was rebuilt: the next short prompt's graphs, after this reply
             except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn prefills eagerly
                 self.prefill_graphs.drop(everything=True)
+
     def close(self) -> None:
         """Free the cache and graph, and give the model back its own attention."""
         self._drop_cache(release=True)
