@@ -38,6 +38,7 @@ import torch
 from .attention import _filled, no_plan_kernels
 from .graph_capture import capturing
 from .kernels import prefilling
+from .static_cache import point_counters
 
 BUCKETS = (128, 256, 512, 768, 1024)  # padded prompt lengths (each more than attention.SMALL_QUERY: the kernel's path)
 # Longer prefills (eager) are padded to a multiple of this, so their matrix products take few shapes, each met once at
@@ -59,14 +60,6 @@ class _Entry:
         self.cache, self.end = cache, end  # the cache its forward writes, and how many positions it has
         self.graph = None
         self.logits = None
-
-
-def _point(cache, position: int) -> None:
-    """Aim a static cache's write counters (newer transformers keep one per layer) at ``position``, in place."""
-    for layer in getattr(cache, "layers", ()):
-        counter = getattr(layer, "cumulative_length", None)
-        if isinstance(counter, torch.Tensor):
-            counter.fill_(position)
 
 
 def _made(cache, like) -> bool:
@@ -135,7 +128,7 @@ class PrefillGraphs:
         if entry.cache is engine.cache:
             engine._write_at(start)
         else:
-            _point(entry.cache, start)
+            point_counters(entry.cache, start)
         if entry.graph is not None:
             entry.graph.replay()
             logits = entry.logits
@@ -201,7 +194,7 @@ class PrefillGraphs:
             if cache is engine.cache:
                 engine._write_at(at)
             else:
-                _point(cache, at)
+                point_counters(cache, at)
 
         aim()
         if not self.graphed:
@@ -217,6 +210,7 @@ class PrefillGraphs:
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 self._forward(entry)
+            current.wait_stream(side)  # the counters are aimed again after the warm-up's writes, not before
             self.warmed.add(kind)
             aim()
         side.wait_stream(current)

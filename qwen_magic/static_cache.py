@@ -21,6 +21,15 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def point_counters(cache, position: int) -> None:
+    """Aim a static cache's write counters (newer transformers keep one per layer, and write where it says, not where
+    ``cache_position`` does) at ``position``, in place: a captured graph reads them from the same address."""
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(position)
+
+
 class CacheMixin:
 
     def _reserve(self, needed: int) -> None:
@@ -118,8 +127,5 @@ class CacheMixin:
         """
         if position == self.write_position:
             return
-        for layer in getattr(self.cache, "layers", ()):
-            counter = getattr(layer, "cumulative_length", None)
-            if isinstance(counter, torch.Tensor):
-                counter.fill_(position)
+        point_counters(self.cache, position)
         self.write_position = position
