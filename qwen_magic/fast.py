@@ -208,7 +208,6 @@ class FastEngine(CacheMixin):
             if logits is not None:
                 self.cached_ids, self.reused = list(ids), keep
                 return logits
-        forwards = 0
         while start < len(ids):
             if stop_event is not None and stop_event.is_set() and logits is not None:
                 break
@@ -221,7 +220,6 @@ class FastEngine(CacheMixin):
                 size = _round_up(end - start, PAD)
                 size = size if start + size <= self.capacity else None
             logits = self._forward(tokens[:, start - keep:end - keep], start, extra, size)
-            forwards += 1
             self.cached_ids = ids[:end]
             if end in marks:
                 self.states.record(self.cached_ids)
@@ -229,12 +227,6 @@ class FastEngine(CacheMixin):
         self.reused = keep
         if self.states is not None and len(self.cached_ids) == len(ids):
             self.states.record(ids, logits)  # regenerate and a re-run cell come back to this prompt
-        if (forwards > 1 and self.use_graph and self.graph is None and self.split is None
-                and not (stop_event is not None and stop_event.is_set())):
-            # A cache made for this prompt (it outgrew the last one): its decode graph is recorded now, on the host,
-            # while the GPU still runs the prompt's chunks (each ~60 ms of GPU work ahead of the host on an H100),
-            # not between the reply's first two tokens (~45 ms there).
-            self._capture()
         return logits
 
     def _recurrent_prefix(self, ids: List[int], common: int, keep: int):

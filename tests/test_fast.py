@@ -92,40 +92,6 @@ def test_the_cache_grows_when_a_conversation_outgrows_it(engine, model_and_token
     assert relative_error(got, reference_logits(model, longer, short)) < 1e-5
 
 
-def test_a_prompt_in_several_chunks_into_a_new_cache_captures_its_graph_in_the_prefill(engine, model_and_tokenizer, monkeypatch):
-    """Where graphs are on: a prompt that made a new cache and went in more than one forward has the cache's decode
-    graph captured before the prefill returns (the GPU still runs the chunks), not at the reply's first step; a
-    one-forward prompt, a cache that kept its graph, and a model split over cards (capture_split) leave it to the
-    step. (The capture itself runs on a GPU: tests/test_gpu.py.)"""
-    model, tokenizer = model_and_tokenizer
-    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 64)
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 16)
-    captured = []
-
-    def capture():
-        captured.append((len(engine.cached_ids), engine.capacity))
-        engine.graph = "graph"
-
-    monkeypatch.setattr(engine, "_capture", capture)
-    engine.use_graph = True
-    ids = tokenizer("Hello! How are you today? " * 8, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 3 * 16 // 2
-    with torch.inference_mode():
-        engine.prefill(ids[:8])  # one forward into a new cache
-        assert captured == []
-        engine.graph = "graph"
-        engine.prefill(ids)  # grows: a new cache, several forwards
-        assert captured == [(len(ids), engine.capacity)]
-        engine.cached_ids = []
-        engine.prefill(ids)  # the cache kept its graph
-        assert len(captured) == 1
-        engine.split = "two cards"
-        engine._drop_cache()
-        engine.prefill(ids)
-        assert len(captured) == 1
-    engine.use_graph, engine.split, engine.graph = False, None, None
-
-
 def test_a_prefill_reads_only_the_filled_cache(engine, model_and_tokenizer, monkeypatch):
     """From position 0 a prefill is the recipe's causal attention (no mask); after a cached prefix, or in a
     later chunk, it reads the positions written so far, causal to the last key (no mask), never the empty rest."""

@@ -269,29 +269,6 @@ def test_a_cache_grows_after_the_reply_that_nearly_fills_it(nf4, monkeypatch):
     eager._drop_cache()
 
 
-def test_a_cache_made_for_a_long_prompt_records_its_graph_during_the_prefill(nf4, monkeypatch):
-    """A prompt that outgrows the cache and goes in several chunks: the new cache's decode graph is captured while
-    the GPU runs the chunks (prefill returns with it), not between the reply's first two tokens; the greedy reply
-    equals the eager engine's."""
-    engine, model, tokenizer = nf4.engine, nf4.model, nf4.tokenizer
-    monkeypatch.setattr(fast, "PREFILL_CHUNK", 400)
-    eager = eager_twin(engine, model, tokenizer)
-    messages = [{"role": "user", "content": "介绍广州这座城市的历史、气候和美食。" * 80}]
-    assert len(prompt_ids(tokenizer, messages)) > 1200  # past the short-prompt graphs: three chunks
-    engine._drop_cache()
-    eager._drop_cache()
-    with torch.inference_mode():
-        engine._reserve(64)  # a small cache, as a short chat leaves it
-        engine._capture()
-    after, prefill = [], engine.prefill
-    monkeypatch.setattr(engine, "prefill", lambda *a, **k: (lambda out: after.append(engine.graph is not None) or out)(prefill(*a, **k)))
-    settings = GenerationSettings(do_sample=False, max_new_tokens=16)
-    reply = generate_reply(engine, messages, settings)
-    assert after == [True] and engine.capacity > 64
-    assert reply.token_ids == generate_reply(eager, messages, settings).token_ids
-    eager._drop_cache()
-
-
 def test_a_new_cache_has_its_write_counters_on_the_card(nf4):
     """A new cache's write counters (transformers' static layers keep one each) are on the GPU before its first
     prefill: moved there by the first write, they cost a blocking copy per layer, the host waiting for the GPU."""
