@@ -25,7 +25,7 @@ import torch
 
 from qwen_magic import loader
 from qwen_magic.engine import generate_reply
-from qwen_magic.fast import FIRST_CAPACITY
+from qwen_magic.fast import FIRST_CAPACITY, NEXT_MESSAGE
 from qwen_magic.prompt import prompt_ids
 from qwen_magic.settings import GenerationSettings
 from qwen_magic.tiny import _CORPUS, build_tokenizer
@@ -198,9 +198,10 @@ def fast_sweep(engine, tokenizer, lengths, results):
 
 
 def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
-    """A chat whose cache must grow (a first cache of FIRST_CAPACITY tokens, 3,700 tokens of history, replies of
-    ``new_tokens``): the longest pause between two tokens of a reply, and the longest wait after a reply's last token
-    (where the engine grows a cache the next turn would outgrow, and captures its graphs), each over the turns."""
+    """A chat whose cache must grow (a first cache of FIRST_CAPACITY tokens, a history whose first prompt and reply
+    fit it while the next turn would not, replies of ``new_tokens``): the longest pause between two tokens of a reply,
+    and the longest wait after a reply's last token (where the engine grows a cache the next turn would outgrow, and
+    captures its graphs), each over the turns; the cache's size at each reply's first token and after it."""
     import threading
 
     settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens)
@@ -210,13 +211,20 @@ def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
         engine._capture()
     if engine.prefill_graphs is not None:
         engine.prefill_graphs.capture()
-    history = history_of(tokenizer, 3700)
-    gaps, waits, capacities = [], [], [engine.capacity]
+    # The first prompt and its reply fit the first cache; the next turn (+ NEXT_MESSAGE + new_tokens) would not.
+    aim = FIRST_CAPACITY - new_tokens - NEXT_MESSAGE // 2
+    history, filler = history_of(tokenizer, 3700), ""
+    first = lambda: history + [{"role": "user", "content": filler + "第1个问题:它有什么好吃的美食吗?"}]
+    while len(prompt_ids(tokenizer, first())) > aim:
+        history = history[2:]
+    while len(prompt_ids(tokenizer, first())) < aim - 32:
+        filler += _CORPUS[len(filler) % len(_CORPUS)] + " "
+    gaps, waits, capacities, at_first = [], [], [engine.capacity], []
     for turn in range(turns):
-        messages = history + [{"role": "user", "content": f"第{turn + 1}个问题:它有什么好吃的美食吗?"}]
+        messages = first() if turn == 0 else history + [{"role": "user", "content": f"第{turn + 1}个问题:它有什么好吃的美食吗?"}]
         ids = prompt_ids(tokenizer, messages)
         stamps, tokens = [], []
-        emit = lambda new: (stamps.append(time.perf_counter()), tokens.extend(new))
+        emit = lambda new: (stamps.append(time.perf_counter()), tokens.extend(new), len(stamps) > 1 or at_first.append(engine.capacity))
         torch.cuda.synchronize()
         with engine.lock, torch.inference_mode():
             engine._generate(ids, settings, emit, threading.Event(), {})
@@ -241,6 +249,7 @@ def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
     results["growth_gap_ms"] = [round(1000 * gap, 1) for gap in gaps]
     results["growth_wait_ms"] = [round(1000 * wait, 1) for wait in waits]
     results["growth_capacities"] = capacities
+    results["growth_capacities_at_first_token"] = at_first
 
 
 def peak_memory(args):
@@ -433,7 +442,8 @@ def report(r, args):
                          f"{o2 / c2:.2f} | {o1 / o2:.2f} |")
         lines.append(f"\ngraph capture for a grown cache ({2 * FIRST_CAPACITY:,}+ tokens): {1000 * r['capture_s_grown']:.0f} ms")
     if "growth_gap_ms" in r:
-        lines.append(f"a chat whose cache grows (cache sizes {r['growth_capacities']}): longest pause between two tokens per reply "
+        lines.append(f"a chat whose cache grows (cache sizes {r['growth_capacities']}, at each reply's first token "
+                     f"{r.get('growth_capacities_at_first_token')}): longest pause between two tokens per reply "
                      f"{r['growth_gap_ms']} ms; wait after each reply's last token {r['growth_wait_ms']} ms")
     if "long_prompt_growth" in r:
         g = r["long_prompt_growth"]
