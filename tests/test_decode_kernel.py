@@ -175,6 +175,31 @@ def test_patched_cache_is_freed_without_the_collector():
         gc.enable()
 
 
+def test_a_new_cache_reads_transformers_source_once(monkeypatch):
+    """patch_cache checks StaticLayer.update's source once per function, not for each layer of each new cache (reading
+    a source took ~0.3 ms, 28 layers of the 7B: ~10 ms inside a first question that made a new cache); a different
+    update (another transformers) is checked again, and left alone when it is not the verified one."""
+    from transformers import Qwen2Config, StaticCache
+    from transformers.cache_utils import StaticLayer
+
+    from qwen_magic.kernels import decode, fused  # noqa: F401 (fused_patch is imported through fused)
+    from qwen_magic.kernels import fused_patch
+
+    reads, body = [], fused_patch._body
+    monkeypatch.setattr(fused_patch, "_body", lambda function: reads.append(function) or body(function))
+    decode._source_verified.cache_clear()
+    config = {"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
+    made = [StaticCache(config=Qwen2Config(**config), max_cache_len=16) for _ in range(3)]
+    counts = [decode.patch_cache(cache) for cache in made]
+    verified = decode._update_verified(StaticLayer)
+    assert reads == [StaticLayer.update] and counts == [4 if verified else 0] * 3
+    original = StaticLayer.update
+    monkeypatch.setattr(StaticLayer, "update", lambda self, *args, **kwargs: original(self, *args, **kwargs))
+    assert decode.patch_cache(StaticCache(config=Qwen2Config(**config), max_cache_len=16)) == 0
+    assert len(reads) == 2
+    decode._source_verified.cache_clear()
+
+
 @pytest.mark.skipif(CHILD, reason="compiles the real kernels (not the interpreter's)")
 @pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
 def test_kernels_compile_for_t4_and_h100(capability):
