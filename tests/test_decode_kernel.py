@@ -176,7 +176,7 @@ def test_patched_cache_is_freed_without_the_collector():
 
 
 def test_a_new_cache_reads_transformers_source_once(monkeypatch):
-    """patch_cache checks StaticLayer.update's source once per function, not for each layer of each new cache (reading
+    """patch_cache reads StaticLayer.update's source once per function, not for each layer of each new cache (reading
     a source took ~0.3 ms, 28 layers of the 7B: ~10 ms inside a first question that made a new cache); a different
     update (another transformers) is checked again, and left alone when it is not the verified one."""
     from transformers import Qwen2Config, StaticCache
@@ -185,9 +185,9 @@ def test_a_new_cache_reads_transformers_source_once(monkeypatch):
     from qwen_magic.kernels import decode, fused  # noqa: F401 (fused_patch is imported through fused)
     from qwen_magic.kernels import fused_patch
 
-    reads, body = [], fused_patch._body
-    monkeypatch.setattr(fused_patch, "_body", lambda function: reads.append(function) or body(function))
-    decode._source_verified.cache_clear()
+    reads, source = [], fused_patch.inspect.getsource
+    monkeypatch.setattr(fused_patch.inspect, "getsource", lambda function: reads.append(function) or source(function))
+    fused_patch._body.cache_clear()
     config = {"num_hidden_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2}
     made = [StaticCache(config=Qwen2Config(**config), max_cache_len=16) for _ in range(3)]
     counts = [decode.patch_cache(cache) for cache in made]
@@ -197,7 +197,7 @@ def test_a_new_cache_reads_transformers_source_once(monkeypatch):
     monkeypatch.setattr(StaticLayer, "update", lambda self, *args, **kwargs: original(self, *args, **kwargs))
     assert decode.patch_cache(StaticCache(config=Qwen2Config(**config), max_cache_len=16)) == 0
     assert len(reads) == 2
-    decode._source_verified.cache_clear()
+    fused_patch._body.cache_clear()  # the patched update goes with this test
 
 
 @pytest.mark.skipif(CHILD, reason="compiles the real kernels (not the interpreter's)")

@@ -12,7 +12,6 @@ a marked module here while the engine's decode steps run (``qwen_magic.kernels.a
 :func:`usable` accepts the tensors. Nothing else changes.
 """
 
-import functools
 from typing import Callable, Optional
 
 import torch
@@ -131,18 +130,10 @@ return self.keys, self.values
 
 
 def _update_verified(layer_class) -> bool:
-    return _source_verified(layer_class.update)
-
-
-@functools.lru_cache(maxsize=None)
-def _source_verified(update) -> bool:
-    """Whether ``update`` is transformers' source that the kernel was checked against. Read once per function:
-    reading a source costs about 0.3 ms, and each new cache asked it for every layer (28 for the 7B: about 10 ms
-    inside a first question that makes a new cache)."""
     from . import fused  # noqa: F401 (fused_patch is imported through fused)
     from .fused_patch import _body, _squash
 
-    return _body(update) == _squash(_STATIC_UPDATE)
+    return _body(layer_class.update) == _squash(_STATIC_UPDATE)
 
 
 def _pow2(n: int) -> int:

@@ -19,8 +19,11 @@ from . import fused as _fused
 # --- which transformers code is reproduced (checked by source, so a changed formula is never patched)
 
 
+@functools.lru_cache(maxsize=None)
 def _body(function) -> Optional[str]:
-    """The statements of a function, without its signature, comments, docstring, whitespace."""
+    """The statements of a function, without its signature, comments, docstring, whitespace. Read once per function:
+    reading a source costs about 0.3 ms, and the same functions are asked again (every MLP module's activation at a
+    patch; transformers' ``StaticLayer.update`` at each new cache, ~10 ms for the 7B's 28 layers before)."""
     try:
         source = inspect.getsource(function)
     except (OSError, TypeError):
