@@ -205,12 +205,16 @@ def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
     import threading
 
     settings = GenerationSettings(do_sample=False, max_new_tokens=new_tokens)
-    engine._drop_cache()
-    with torch.inference_mode():
-        engine._reserve(FIRST_CAPACITY)  # the first cache and its graphs, as the load leaves them
-        engine._capture()
-    if engine.prefill_graphs is not None:
-        engine.prefill_graphs.capture()
+
+    def first_cache():  # the first cache and its graphs, as the load leaves them
+        engine._drop_cache()
+        with torch.inference_mode():
+            engine._reserve(FIRST_CAPACITY)
+            engine._capture()
+        if engine.prefill_graphs is not None:
+            engine.prefill_graphs.capture()
+
+    first_cache()
     # The first prompt and its reply fit the first cache; the next turn (+ NEXT_MESSAGE + new_tokens) would not.
     aim = FIRST_CAPACITY - new_tokens - NEXT_MESSAGE // 2
     history, filler = history_of(tokenizer, 3700), ""
@@ -234,10 +238,7 @@ def growth_pauses(engine, tokenizer, results, turns=4, new_tokens=128):
         capacities.append(engine.capacity)
         history = messages + [{"role": "assistant", "content": tokenizer.decode(tokens, skip_special_tokens=True)}]
     # A long question into a cache it outgrows (the cache is made in its prefill): the pause after the first token.
-    engine._drop_cache()
-    with torch.inference_mode():
-        engine._reserve(FIRST_CAPACITY)
-        engine._capture()
+    first_cache()
     stamps = []
     ids = prompt_ids(tokenizer, question_of(tokenizer, FIRST_CAPACITY + 1000))
     torch.cuda.synchronize()
