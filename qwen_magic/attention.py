@@ -90,7 +90,8 @@ def grouped_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     group = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
     if length == 1 and _decode_kernel_takes(module, query, key, value, attention_mask):
-        return _decode_kernel.attention(query, key, value, attention_mask, scale), None
+        causal = getattr(module, "sliding_window", None) is None  # every position up to its own: what a row's kernel reads
+        return _decode_kernel.attention(query, key, value, attention_mask, scale, causal), None
     grouped = query.reshape(batch, kv_heads, group * length, dim)  # query head h reads key/value head h // group
     scores = torch.matmul(grouped, key.transpose(-1, -2)) * scale
     mask = attention_mask[:, :, None].expand(batch, attention_mask.shape[1], group, length, attention_mask.shape[-1])

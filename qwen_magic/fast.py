@@ -121,6 +121,8 @@ class FastEngine(DecodeStepMixin, CacheMixin):
         self.cached_ids: List[int] = []  # tokens whose keys and values the cache holds, from position 0
         self.graph = None
         self.captured = False  # a graph was captured once: later captures skip the warm-up steps
+        self.graph_outlives_cache = False  # the graph finds the cache through self.rows: a new cache keeps it (decode_step.py)
+        self.rows = self.rows_for = self.parts = None
         self.cache_keyword = cache_keyword(model)
         self.hybrid = is_hybrid(model.config)
         # A vision-language model's hooks (vision.py): decode positions are the text position plus rope_delta (a

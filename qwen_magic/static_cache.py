@@ -58,13 +58,14 @@ class CacheMixin:
     def _grow_ahead(self, max_new_tokens: int) -> None:
         """After a reply: grow a cache that the next turn would outgrow (this history, a new message of NEXT_MESSAGE
         tokens, as many new tokens as this reply could have), and capture its decode graph now, after the last
-        token, rather than between the next reply's first two tokens (a pause of about 56 ms on an H100)."""
+        token, rather than between the next reply's first two tokens (a pause of about 56 ms on an H100), unless the graph
+        outlives the cache (decode_step.py)."""
         needed = len(self.cached_ids) + NEXT_MESSAGE + max_new_tokens
         if self.cache is None or needed <= self.capacity or needed > self.context_length:
             return
         try:
             self._reserve(needed)
-            if self.use_graph:
+            if self.use_graph and self.graph is None:
                 self._capture()
         except torch.cuda.OutOfMemoryError:  # the reply is whole; the next turn builds the cache it needs
             self._drop_cache(release=True)
@@ -74,6 +75,9 @@ class CacheMixin:
         keep theirs on the CPU until their first write, which copies it to the GPU with a blocking copy: in a prefill,
         layer after layer, the host waited for the GPU to finish everything queued before it, so it could no longer
         queue ahead (a first prompt into a new cache took about 30 ms more on an H100)."""
+        # The same counter tensors serve every cache, zeroed (a new layer's starts at 0): a graph that outlives the
+        # cache (decode_step.py) moves them at the addresses it captured.
+        counters = self.__dict__.setdefault("_counters", {})
         devices = getattr(self, "_layer_devices", None)
         if devices is None:
             devices = self._layer_devices = {}
@@ -84,8 +88,11 @@ class CacheMixin:
         for index, layer in enumerate(getattr(self.cache, "layers", ())):
             counter = getattr(layer, "cumulative_length", None)
             device = devices.get(index, self.device)
-            if isinstance(counter, torch.Tensor) and counter.device != device and not getattr(layer, "is_initialized", False):
-                layer.cumulative_length = counter.to(device)
+            if isinstance(counter, torch.Tensor) and not getattr(layer, "is_initialized", False):
+                kept = counters.get(index)
+                if kept is None or kept.device != device or kept.dtype != counter.dtype or kept.shape != counter.shape:
+                    kept = counters[index] = counter.to(device, copy=True)
+                layer.cumulative_length = kept.zero_() if counter.device.type == "cpu" and int(counter) == 0 else kept.copy_(counter)
 
     def _copy_from(self, old, old_states: Optional[HybridStates], kept: List[int]) -> None:
         """Carry the cached tokens over to a larger cache, so growing costs a copy, not a new prefill."""
@@ -109,11 +116,14 @@ class CacheMixin:
         """Drop the cache and the graphs that hold its addresses. ``release``: give the freed memory back to the driver
         too (after running out of memory, and on close); a cache that grows keeps it in PyTorch's allocator, whose
         blocks the next forwards reuse (PyTorch frees them itself before it would run out)."""
-        # The graph's output buffers live in its private memory pool: drop them too, or the pool stays.
-        self.cache = self.graph = self.states = None
+        # The graph's output buffers live in its private memory pool: drop them too, or the pool stays. A graph that
+        # outlives the cache (it reads the cache's addresses from self.rows) stays, unless memory is given back.
+        self.cache = self.states = self.parts = self.rows_for = None
+        if release or not self.graph_outlives_cache:
+            self.graph = self.static_token = self.static_position = self.static_logits = None
+            self.graph_outlives_cache = False
         if self.prefill_graphs is not None:
             self.prefill_graphs.drop(everything=release)
-        self.static_token = self.static_position = self.static_logits = None
         self.capacity, self.cached_ids = 0, []
         if release and self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -153,6 +153,67 @@ def test_cache_write_equals_transformers_update(monkeypatch, dtype):
     assert len(calls) == 4
 
 
+@child_only
+@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-kv{c[1]}-d{c[2]}-s{c[3]}-f{c[4]}" for c in CASES])
+def test_rows_kernels_equal_the_direct_ones(case, monkeypatch):
+    """Through the rows (fill_rows: the cache's addresses in device memory, the filled length from the write counter),
+    a decode step writes the same keys and values and attends to the same output, bit for bit, as with the cache's own
+    addresses and the mask; and partial_rows_kernel's fixed grid gives the same parts whether each program takes one
+    chunk or loops over several (a graph captured at a smaller cache, replayed at a larger one)."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import StaticLayer
+
+    from qwen_magic.kernels import decode, decoding
+
+    if not decode._update_verified(StaticLayer):
+        pytest.skip("this transformers' StaticLayer.update is not the one the kernels reproduce")
+    monkeypatch.setattr(decode, "FORCE_CPU", True)
+    heads, kv_heads, dim, length, filled = case
+    generator = torch.Generator().manual_seed(length)
+    random = lambda *shape: torch.randn(*shape, generator=generator).to(torch.float16)
+    history_k, history_v = random(1, kv_heads, filled - 1, dim), random(1, kv_heads, filled - 1, dim)
+    k, v, query = random(1, kv_heads, 1, dim), random(1, kv_heads, 1, dim), random(1, heads, 1, dim)
+    layers = []
+    for _ in range(2):
+        layer = StaticLayer(max_cache_len=length)
+        layer.update = decode._cache_update(layer, StaticLayer.update)
+        if filled > 1:
+            layer.update(history_k, history_v)  # a prefill: the stock update writes the history
+        else:
+            layer.lazy_initialization(k, v)
+        layers.append(layer)
+    direct, through = layers
+    table = torch.zeros((2, 4), dtype=torch.int64)
+    parts = decode.fill_rows(SimpleNamespace(layers=[through]), table, heads)
+    assert parts is not None and table[0, 2] == length and table[1, 3] == -(-length // decode.BLOCK)
+    mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+    mask[..., :filled] = True
+    scale = dim ** -0.5
+    with decoding():
+        keys, values = direct.update(k, v)
+        expected = decode.attention(query, keys, values, mask, scale)
+        with decode.rows() as taken:
+            keys_rows, values_rows = through.update(k, v)
+            got = decode.attention(query, keys_rows, values_rows, mask, scale, True)
+    assert taken == {"write": 1, "attention": 1}
+    assert torch.equal(keys_rows, keys) and torch.equal(values_rows, values)
+    assert int(through.cumulative_length) == int(direct.cumulative_length) == filled
+    assert torch.equal(got, expected)
+    # the same parts from fewer programs, each looping over chunks
+    kernels, group = decode._build(), heads // kv_heads
+    row, counter, chunks = table[0], through.cumulative_length, -(-filled // decode.BLOCK)
+    padded = dict(G=group, GP=max(16, decode._pow2(group)), D=dim, DP=max(16, decode._pow2(dim)), BLOCK=decode.BLOCK)
+    seen = []
+    for programs in sorted({1, 2, chunks}):
+        for buffer in parts:
+            buffer.fill_(float("nan"))
+        kernels.partial_rows_kernel[(kv_heads, programs)](query, row, table[1], counter, query.stride(1), scale, **padded)
+        live = torch.cat([buffer.view(kv_heads, -1, group * (dim if buffer is parts[2] else 1))[:, :chunks].reshape(-1) for buffer in parts])
+        seen.append(live)
+    assert all(torch.equal(part, seen[0]) for part in seen[1:])
+
+
 def test_patched_cache_is_freed_without_the_collector():
     """patch_cache leaves no reference cycle: a dropped cache's memory goes at once (as the engine relies on when it
     replaces a cache), not at the next garbage collection."""
@@ -203,8 +264,9 @@ def test_a_new_cache_reads_transformers_source_once(monkeypatch):
 @pytest.mark.skipif(CHILD, reason="compiles the real kernels (not the interpreter's)")
 @pytest.mark.parametrize("capability", [75, 90], ids=["sm75-T4", "sm90-H100"])
 def test_kernels_compile_for_t4_and_h100(capability):
-    """The three kernels build for sm_75 as for sm_90, with the cache's length and chunk count as runtime values:
-    a cache that grows reuses the compiled kernels (a compile would be a pause of a few hundred milliseconds)."""
+    """The kernels build for sm_75 as for sm_90, with the cache's length and chunk count as runtime values (or, for
+    the rows' kernels, read from device memory): a cache that grows reuses the compiled kernels (a compile would be a
+    pause of a few hundred milliseconds)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -224,21 +286,29 @@ def test_kernels_compile_for_t4_and_h100(capability):
                                                chunks="i32"), dict(G=7, GP=16, D=128, DP=128, BLOCK=64))
         combine = build(k.combine_kernel, dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*fp16", chunks_total="i32"),
                         dict(G=7, D=128, DP=128, CB=128, PB=16))
+        rows = build(k.partial_rows_kernel, dict(q_ptr="*fp16", row_ptr="*i64", parts_ptr="*i64", counter_ptr="*i64", q_head_stride="i32",
+                                                 scale="fp32"), dict(G=7, GP=16, D=128, DP=128, BLOCK=64))
+        combine_rows = build(k.combine_rows_kernel, dict(parts_ptr="*i64", row_ptr="*i64", counter_ptr="*i64", out_ptr="*fp16"),
+                             dict(G=7, D=128, DP=128, CB=128, PB=16, BLOCK=64))
+        write_rows = build(k.cache_write_rows_kernel, dict(k_ptr="*fp16", v_ptr="*fp16", row_ptr="*i64", counter_ptr="*i64",
+                                                           k_head_stride="i32", v_head_stride="i32"),
+                           dict(HEADS=4, HP=4, DK=128, DKP=128, DV=128, DVP=128))
         write = build(k.cache_write_kernel, dict(k_ptr="*fp16", v_ptr="*fp16", keys_ptr="*fp16", values_ptr="*fp16", counter_ptr="*i64",
                                                  capacity="i32", k_head_stride="i32", v_head_stride="i32", keys_head_stride="i32",
                                                  keys_pos_stride="i32", values_head_stride="i32", values_pos_stride="i32"),
                       dict(HEADS=4, HP=4, DK=128, DKP=128, DV=128, DVP=128))
     except (ImportError, TypeError, AttributeError) as error:
         pytest.skip(f"ahead-of-time compile API differs: {error}")
-    for kernel in (partial, combine, write):
+    for kernel in (partial, combine, write, rows, combine_rows, write_rows):
         assert kernel.asm["ptx"]
-    assert "mma" in partial.asm["ptx"] or capability < 80  # tensor-core products where the card has them
+    assert ("mma" in partial.asm["ptx"] and "mma" in rows.asm["ptx"]) or capability < 80  # tensor-core products where the card has them
 
 
 @child_only
 def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
     """A fast engine (eager steps, float16, on the CPU through the interpreter) sends every decode step's attention
-    and cache write to the kernels, across a cache that grows (the new cache's layers are patched too); its
+    and cache write to the kernels, through the rows (fill_rows: the kernels a graph that outlives the cache captures),
+    across a cache that grows (the new cache's layers are patched and described too); its
     teacher-forced logits stay as close to a plain forward as float16 allows; prefill keeps the stock path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,20 +327,26 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "check", lambda device=None, dtype=None: None)
     monkeypatch.setattr(static_cache, "CAPACITY_STEP", 32)
     calls = {"attention": 0, "write": 0}
+    through_rows = {"write": 0, "attention": 0}
     attention, kernels = decode.attention, decode._build()
-    write = kernels.cache_write_kernel
 
     def counted_attention(*args):
         calls["attention"] += 1
         return attention(*args)
 
-    class CountedWrite:
+    class Counted:
+        def __init__(self, kernel, *counts):
+            self.kernel, self.counts = kernel, counts
+
         def __getitem__(self, grid):
-            calls["write"] += 1
-            return write[grid]
+            for counts, key in self.counts:
+                counts[key] += 1
+            return self.kernel[grid]
 
     monkeypatch.setattr(decode, "attention", counted_attention)
-    monkeypatch.setattr(kernels, "cache_write_kernel", CountedWrite())
+    monkeypatch.setattr(kernels, "cache_write_kernel", Counted(kernels.cache_write_kernel, (calls, "write")))
+    monkeypatch.setattr(kernels, "cache_write_rows_kernel", Counted(kernels.cache_write_rows_kernel, (calls, "write"), (through_rows, "write")))
+    monkeypatch.setattr(kernels, "partial_rows_kernel", Counted(kernels.partial_rows_kernel, (through_rows, "attention")))
     engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True)
     try:
         assert [module.__name__.rsplit(".", 1)[-1] for module in engine.kernels] == ["decode"]
@@ -289,6 +365,9 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
             # float16: no further from a plain forward than the engine's own PyTorch path is (or 2e-3)
             assert relative_error(got, expected) <= max(1.5 * baseline, 2e-3), (relative_error(got, expected), baseline)
             assert calls == {"attention": layers * steps, "write": writes * steps}  # the stock engine took no kernel
+            # every step wrote and attended through the rows (fill_rows), the grown cache's too
+            assert through_rows == {"write": writes * steps, "attention": writes * steps}
+            assert engine.rows_for is engine.cache if writes else engine.rows_for is None
             capacity = engine.capacity
             prompt = prompt + continuation + list(range(100, 120))
         assert engine.capacity == capacity > 64 and engine.reused == 47  # grown, and the first turn came from the cache

@@ -12,6 +12,8 @@ a marked module here while the engine's decode steps run (``qwen_magic.kernels.a
 :func:`usable` accepts the tensors. Nothing else changes.
 """
 
+import threading
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -20,7 +22,10 @@ from . import allowed, mark_attention
 from .device import on, unsupported
 
 _MARK = "_qwen_magic_decode_kernel"
+_ROW = "_qwen_magic_row"  # on a cache layer whose row fill_rows wrote: (its row, the parts' row, heads, head size)
 BLOCK = 64  # cache positions a program
+ROW_PROGRAMS = 64  # programs per key/value head of partial_rows_kernel at least (the grid of a 4,096-token cache): fixed in a graph
+_rows = threading.local()  # .state inside rows(): {"last": what the layer written last attends to, "taken": counts}
 _kernels = None
 FORCE_CPU = False  # tests: take CPU tensors too (through Triton's interpreter, TRITON_INTERPRET=1)
 
@@ -60,9 +65,11 @@ def usable(module, query, key, value, mask) -> bool:
     return True
 
 
-def attention(query, key, value, mask, scaling: float) -> torch.Tensor:
+def attention(query, key, value, mask, scaling: float, causal: bool = False) -> torch.Tensor:
     """``query`` (1, H, 1, D), ``key``/``value`` (1, KVH, S, D) (the static cache), ``mask`` (.., 1, S) boolean
-    (True: attend) -> the output as attention interfaces return it, (1, 1, H, D)."""
+    (True: attend) -> the output as attention interfaces return it, (1, 1, H, D). ``causal``: the module attends to
+    every position up to its own (no window), so inside :func:`rows` a layer written through its row attends through
+    it too (``partial_rows_kernel``: the cache found through device memory, the mask's positions from the counter)."""
     k = _build()
     heads, dim = query.shape[1], query.shape[-1]
     kv_heads, length = key.shape[1], key.shape[2]
@@ -71,6 +78,18 @@ def attention(query, key, value, mask, scaling: float) -> torch.Tensor:
     dim_padded = max(16, 1 << (dim - 1).bit_length())
     group_padded = max(16, 1 << (group - 1).bit_length())
     device = query.device
+    state = getattr(_rows, "state", None)
+    last = state["last"] if state is not None else None
+    if causal and last is not None and last[0] is key and last[1] is value and last[5:] == (heads, dim):
+        row, counter, parts = last[2:5]
+        out = torch.empty((1, 1, heads, dim), dtype=query.dtype, device=device)
+        with on(device):
+            k.partial_rows_kernel[(kv_heads, max(chunks, ROW_PROGRAMS))](
+                query, row, parts, counter, query.stride(1), float(scaling),
+                G=group, GP=group_padded, D=dim, DP=dim_padded, BLOCK=BLOCK, num_warps=4)
+            k.combine_rows_kernel[(heads,)](parts, row, counter, out, G=group, D=dim, DP=dim_padded, CB=128, PB=16, BLOCK=BLOCK, num_warps=4)
+        state["taken"]["attention"] += 1
+        return out
     parts = kv_heads * chunks * group
     top = torch.empty(parts, dtype=torch.float32, device=device)
     total = torch.empty(parts, dtype=torch.float32, device=device)
@@ -176,6 +195,18 @@ def _cache_update(layer, original):
             return original(layer, key_states, value_states, *args, **kwargs)
         k = _build()
         heads, dk, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+        state = getattr(_rows, "state", None)
+        found = getattr(layer, _ROW, None) if state is not None else None
+        if state is not None:
+            state["last"] = None
+        if found is not None and found[4] == layer.keys.data_ptr():  # this layer's row (fill_rows) describes its cache
+            row, parts, query_heads, dim, _ = found
+            with on(key_states.device):
+                k.cache_write_rows_kernel[(1,)](key_states, value_states, row, counter, key_states.stride(1), value_states.stride(1),
+                                                HEADS=heads, HP=_pow2(heads), DK=dk, DKP=_pow2(dk), DV=dv, DVP=_pow2(dv), num_warps=4)
+            state["last"] = (layer.keys, layer.values, row, counter, parts, query_heads, dim)
+            state["taken"]["write"] += 1
+            return layer.keys, layer.values
         with on(key_states.device):
             k.cache_write_kernel[(1,)](
                 key_states, value_states, layer.keys, layer.values, counter, layer.keys.shape[2],
@@ -186,6 +217,50 @@ def _cache_update(layer, original):
 
     update._qwen_magic_original = original
     return update
+
+
+@contextmanager
+def rows():
+    """Decode steps in which the layers that have a row (:func:`fill_rows`) write their keys and values and attend
+    through it (the ``*_rows_kernel``s): a CUDA graph captured so reads the cache's addresses from device memory, and
+    outlives the cache. Yields the counts ``{"write": layers written so, "attention": attentions done so}``."""
+    before = getattr(_rows, "state", None)
+    state = _rows.state = {"last": None, "taken": {"write": 0, "attention": 0}}
+    try:
+        yield state["taken"]
+    finally:
+        _rows.state = before
+
+
+def fill_rows(cache, table, heads: int):
+    """Describe ``cache`` (a static cache :func:`patch_cache` patched, every layer written once) in ``table``, an int64
+    device tensor of (layers + 1, 4): row i holds layer i's keys and values addresses and its capacity; the last row
+    the addresses of buffers for the chunks' parts (made here for ``heads`` query heads, and returned: they must live
+    as long as the table describes this cache) and how many chunks they hold. Each layer then has its row (decode
+    steps inside :func:`rows` take it). None, with nothing written, when a layer cannot be described so."""
+    layers = list(getattr(cache, "layers", ()))
+    if not layers or tuple(table.shape) != (len(layers) + 1, 4) or table.dtype != torch.int64:
+        return None
+    entries = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if (not hasattr(layer.__dict__.get("update"), "_qwen_magic_original") or not getattr(layer, "is_initialized", False)
+                or keys is None or values is None or keys.device != table.device or values.device != table.device
+                or not keys.is_contiguous() or not values.is_contiguous() or keys.dim() != 4 or keys.shape[0] != 1
+                or keys.shape[:3] != values.shape[:3] or keys.shape[-1] != values.shape[-1] or heads % keys.shape[1]):
+            return None
+        entries.append([keys.data_ptr(), values.data_ptr(), keys.shape[2], 0])
+    slots = -(-max(entry[2] for entry in entries) // BLOCK)
+    dim = max(layer.keys.shape[-1] for layer in layers)
+    device = table.device
+    top, total = (torch.empty(heads * slots, dtype=torch.float32, device=device) for _ in range(2))
+    acc = torch.empty(heads * slots * dim, dtype=torch.float32, device=device)
+    entries.append([top.data_ptr(), total.data_ptr(), acc.data_ptr(), slots])
+    table.copy_(torch.tensor(entries, dtype=torch.int64), non_blocking=True)  # staged at once: no wait for the GPU
+    parts = table[len(layers)]
+    for index, layer in enumerate(layers):
+        setattr(layer, _ROW, (table[index], parts, heads, layer.keys.shape[-1], layer.keys.data_ptr()))
+    return top, total, acc
 
 
 def patch(model) -> Callable[[], None]:
