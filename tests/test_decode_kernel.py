@@ -374,3 +374,90 @@ def test_engine_decode_steps_take_both_kernels(tmp_path, monkeypatch):
         stock.close()
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(CHILD, reason="launches no kernel: the parent runs it")
+def test_a_graph_through_the_rows_outlives_the_cache(tmp_path, monkeypatch):
+    """The engine's bookkeeping around a decode graph that reads the cache through the rows (the capture itself needs a
+    GPU: tests/test_gpu.py): a cache that grows keeps the graph, and before the next replay the rows describe the new
+    cache (each layer's keys and values addresses, its capacity, the parts' buffers); a rebuilt cache likewise; giving
+    memory back drops the graph; a cache the rows cannot describe gets a capture of its own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.cache_utils import StaticLayer
+
+    from qwen_magic import static_cache
+    from qwen_magic.fast import FastEngine
+    from qwen_magic.kernels import decode
+    from qwen_magic.tiny import write_tiny_model
+
+    if not decode._update_verified(StaticLayer):
+        pytest.skip("this transformers' StaticLayer.update is not the one the kernels reproduce: graphs are captured per cache")
+    path = write_tiny_model(tmp_path / "tiny", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, num_hidden_layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, attn_implementation="sdpa")
+    monkeypatch.setattr(decode, "available", lambda device=None: None)
+    monkeypatch.setattr(decode, "check", lambda device=None, dtype=None: None)
+    monkeypatch.setattr(static_cache, "CAPACITY_STEP", 32)
+    engine = FastEngine(model, tokenizer, context_length=1024, use_graph=False, kernels=True)
+    engine.use_graph = True  # the replay path, with a stand-in for the captured graph
+    captures = []
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+
+    def capture():  # what _capture_single leaves behind, without CUDA
+        captures.append(engine.capacity)
+        engine.static_token = torch.zeros((1, 1), dtype=torch.long)
+        engine.static_position = torch.zeros(1, dtype=torch.long)
+        engine.static_logits = torch.zeros(1, model.config.vocab_size)
+        engine.graph = Graph()
+        engine.graph_outlives_cache = engine._fill_rows()
+
+    def described():
+        layers = engine.cache.layers
+        assert engine.rows_for is engine.cache
+        assert engine.rows[:len(layers), 0].tolist() == [layer.keys.data_ptr() for layer in layers]
+        assert engine.rows[:len(layers), 1].tolist() == [layer.values.data_ptr() for layer in layers]
+        assert engine.rows[:len(layers), 2].tolist() == [engine.capacity] * len(layers)
+        assert engine.rows[-1, :3].tolist() == [part.data_ptr() for part in engine.parts]
+        assert engine.rows[-1, 3] == -(-engine.capacity // decode.BLOCK)
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    token = torch.zeros((1, 1), dtype=torch.long)
+    try:
+        with torch.inference_mode():
+            prompt = list(range(3, 40))
+            engine.prefill(prompt, reserve=4)
+            engine.step(token, len(prompt))
+            graph, first = engine.graph, engine.capacity
+            assert captures == [first] and engine.graph_outlives_cache
+            described()
+            counters = [layer.cumulative_length for layer in engine.cache.layers]
+            prompt = prompt + list(range(50, 130))  # outgrows the cache: a larger one, made in the prefill
+            engine.prefill(prompt, reserve=4)
+            assert engine.capacity > first and engine.graph is graph and engine.rows_for is None
+            engine.step(token, len(prompt))
+            assert captures == [first] and Graph.replays == 2
+            described()
+            assert all(a is b for a, b in zip(counters, (layer.cumulative_length for layer in engine.cache.layers)))
+            engine._drop_cache()  # a rebuilt cache (a window that moved): the graph stays
+            engine.prefill(prompt[:20], reserve=4)
+            engine.step(token, 20)
+            assert captures == [first] and engine.graph is graph
+            described()
+            engine._drop_cache(release=True)  # memory given back: the graph goes too
+            assert engine.graph is None and not engine.graph_outlives_cache
+            engine.prefill(prompt, reserve=4)
+            engine.step(token, len(prompt))
+            assert len(captures) == 2 and engine.graph_outlives_cache
+            monkeypatch.setattr(decode, "fill_rows", lambda *args: None)  # a cache the rows cannot describe
+            engine.prefill(prompt + list(range(200, 300)), reserve=4)
+            engine.step(token, len(prompt) + 100)
+            assert len(captures) == 3 and not engine.graph_outlives_cache
+    finally:
+        engine.use_graph = False
+        engine.close()
