@@ -3,8 +3,9 @@
 Per turn it tokenizes the windowed prompt exactly as the classic recipe does,
 keeps the longest prefix whose keys and values are already in the cache, and
 prefills only the rest. Decoding feeds one token at a time through a CUDA graph
-captured once per cache size (decode_step.py), samples on the GPU, and lets the host read each
-token one step late, so the GPU never waits for Python.
+(decode_step.py: captured once where the decode kernels find the cache through device memory,
+else once per cache), samples on the GPU, and lets the host read each token one step late, so
+the GPU never waits for Python.
 
 Hybrid models (Qwen3.5, Qwen3-Next: linear-attention layers with a recurrent state)
 reuse a prefix only where that state is known for exactly that prefix (hybrid.py).
@@ -25,7 +26,9 @@ prefill waits for the GPU, so the host queues chunk after chunk ahead of it. Whe
 attention takes the prefill kernel, a prompt's new part of up to 1,024 tokens is padded to a
 bucket and replayed as a CUDA graph, and longer ones are padded to a multiple of 128
 (prefill_graph.py). The cache itself (size, growth, write position): static_cache.py; a cache that the
-next turn would outgrow grows after the reply, with its graphs, not between two tokens of the next one.
+next turn would outgrow grows after the reply, with its graphs, not between two tokens of the next one; a
+question that outgrows the cache makes a larger one in its prefill, and its steps replay the graph they had where
+it outlives the cache.
 """
 
 import inspect
