@@ -56,8 +56,7 @@ class DecodeStepMixin:
 
     def _through_rows(self):
         """Decode steps that write and attend through ``self.rows`` where it describes the cache (kernels/decode.rows)."""
-        kernel = self._rows_kernel()
-        return kernel.rows() if kernel is not None and self._fill_rows() else nullcontext(None)
+        return self._rows_kernel().rows() if self._fill_rows() else nullcontext(None)  # described: the kernel is there
 
     def _capture_single(self) -> None:
         self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
